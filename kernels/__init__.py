@@ -1,0 +1,1 @@
+"""edgetune.kernels: the fused multi-branch adapter op (Triton + PyTorch paths)."""

@@ -1,0 +1,1 @@
+"""edgetune.server: the aggregation server and its strategies."""
