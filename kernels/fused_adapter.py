@@ -1,0 +1,383 @@
+"""Triton fused multi-branch adapter: jitted kernels, thin launchers, autograd.Function.
+
+Math (DESIGN.md section 3), x: [T, K], D: [K, r], C: [n, r, r], q: [n, r], U: [r, N]:
+
+    h = x @ D + b_D,  z = gelu(h),  u = z + sum_b alpha_b (z @ C_b + q_b)
+    out = residual + s * (u @ U + b_U)
+
+Forward: one launch; each program owns BLOCK_T rows, accumulates h over a K-loop, mixes the
+branches in registers and streams the output over an N-loop. Only x, the parameters and the
+residual are read and only `out` is written (h, z, u never touch global memory):
+traffic = T*K + T*N (+ T*N residual) elements, plus the small parameters once per program.
+
+Backward (g = d out), z recomputed from x (nothing rank-sized is saved):
+    dU = s u^T g, db_U = s sum_t g_t, du = s g U^T
+    dalpha_{t,b} = <du_t, z_t C_b + q_b>, dC_b = z^T (alpha_b du), dq_b = sum_t alpha_{t,b} du_t
+    dz = du + sum_b (alpha_b du) C_b^T,  dh = dz * gelu'(h),  gelu'(h) = Phi(h) + h phi(h)
+    dD = x^T dh, db_D = sum_t dh_t, dx = dh D^T, dresidual = g
+One launch over a capped grid; program p walks row tiles p, p+P, ... and adds its weight-grad
+contributions into its *own* fp32 slot of a partial buffer (load-add-store, no atomics), so the
+result is bitwise deterministic; the host reduces the P slots with one `sum(0)`. Traffic:
+x read twice (recompute, then dD/dx), g once, dx written once, partials P*(K*r + r*N) floats.
+
+The rank is padded to R_PAD >= 16 (masked loads give exact zeros, gelu(0) = 0, so padded lanes
+stay zero) because GPU `tl.dot` needs every dimension >= 16; the interpreter would accept less.
+fp16/bf16 operands feed the dots in their own dtype with fp32 accumulation; fp32 uses IEEE
+dots (no TF32, to match torch's default matmul precision). The interpreter computes bf16 dots
+wrongly, so under TRITON_INTERPRET=1 bf16 operands are upcast to fp32 for the dot.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_RANK = 128
+MAX_BRANCHES = 8
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _gelu(h):
+    return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(h):
+    cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+    return cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+
+
+@triton.jit
+def _hidden_tile(x_ptr, D_ptr, bD_ptr, rows, row_mask, rk, r_mask, K, R,
+                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr):
+    """h = x[rows] @ D + b_D as fp32 [BLOCK_T, R_PAD] (padded rows/lanes exactly 0 + bias)."""
+    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        km = ks < K
+        xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
+                     mask=row_mask[:, None] & km[None, :], other=0.0)
+        dt = tl.load(D_ptr + ks[:, None] * R + rk[None, :],
+                     mask=km[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(xt.to(DOT_DTYPE), dt.to(DOT_DTYPE), acc, input_precision="ieee")
+    b = tl.load(bD_ptr + rk, mask=r_mask, other=0.0).to(tl.float32)
+    return acc + b[None, :]
+
+
+@triton.jit
+def _branch(z_dot, C_ptr, q_ptr, alpha_ptr, b, rows, row_mask, rk, r_mask, R, stride_at,
+            DOT_DTYPE: tl.constexpr):
+    """(y_b = z C_b + q_b [BLOCK_T, R_PAD] fp32, C_b tile, alpha_b per row [BLOCK_T] fp32)."""
+    cb = tl.load(C_ptr + b * R * R + rk[:, None] * R + rk[None, :],
+                 mask=r_mask[:, None] & r_mask[None, :], other=0.0).to(DOT_DTYPE)
+    qb = tl.load(q_ptr + b * R + rk, mask=r_mask, other=0.0).to(tl.float32)
+    ab = tl.load(alpha_ptr + rows * stride_at + b, mask=row_mask, other=0.0).to(tl.float32)
+    yb = tl.dot(z_dot, cb, input_precision="ieee") + qb[None, :]
+    return yb, cb, ab
+
+
+@triton.jit
+def _mix_tile(z, C_ptr, q_ptr, alpha_ptr, rows, row_mask, rk, r_mask, R, n_branch, stride_at,
+              DOT_DTYPE: tl.constexpr):
+    """u = z + sum_b alpha_b (z C_b + q_b), all in registers."""
+    z_dot = z.to(DOT_DTYPE)
+    u = z
+    for b in range(0, n_branch):
+        yb, cb, ab = _branch(z_dot, C_ptr, q_ptr, alpha_ptr, b, rows, row_mask, rk, r_mask, R,
+                             stride_at, DOT_DTYPE)
+        u += ab[:, None] * yb
+    return u
+
+
+@triton.jit
+def _fused_adapter_fwd_kernel(
+    x_ptr, D_ptr, bD_ptr, C_ptr, q_ptr, alpha_ptr, U_ptr, bU_ptr, res_ptr, out_ptr,
+    T, K, R, N, n_branch, stride_at, scale,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_RES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
+    rk = tl.arange(0, R_PAD)
+    r_mask = rk < R
+    h = _hidden_tile(x_ptr, D_ptr, bD_ptr, rows, row_mask, rk, r_mask, K, R,
+                     BLOCK_T, BLOCK_K, R_PAD, DOT_DTYPE)
+    u = _mix_tile(_gelu(h), C_ptr, q_ptr, alpha_ptr, rows, row_mask, rk, r_mask, R, n_branch,
+                  stride_at, DOT_DTYPE)
+    u_dot = u.to(DOT_DTYPE)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        nm = ns < N
+        ut = tl.load(U_ptr + rk[:, None] * N + ns[None, :],
+                     mask=r_mask[:, None] & nm[None, :], other=0.0)
+        bu = tl.load(bU_ptr + ns, mask=nm, other=0.0).to(tl.float32)
+        o = scale * (tl.dot(u_dot, ut.to(DOT_DTYPE), input_precision="ieee") + bu[None, :])
+        offs = rows[:, None] * N + ns[None, :]
+        omask = row_mask[:, None] & nm[None, :]
+        if HAS_RES:
+            o += tl.load(res_ptr + offs, mask=omask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _out_backward(u_dot, g_ptr, U_ptr, pU_ptr, pbU_ptr, rows, row_mask, rk, r_mask, N, scale,
+                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr):
+    """N-loop: du = s g U^T (returned, fp32) and this program's dU / db_U partial slots += ."""
+    du = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        nm = ns < N
+        g = tl.load(g_ptr + rows[:, None] * N + ns[None, :],
+                    mask=row_mask[:, None] & nm[None, :], other=0.0).to(DOT_DTYPE)
+        umask = r_mask[:, None] & nm[None, :]
+        ut = tl.load(U_ptr + rk[:, None] * N + ns[None, :], mask=umask, other=0.0)
+        du = tl.dot(g, tl.trans(ut.to(DOT_DTYPE)), du, input_precision="ieee")
+        p_offs = pU_ptr + rk[:, None] * N + ns[None, :]
+        pu = tl.load(p_offs, mask=umask, other=0.0)
+        pu += scale * tl.dot(tl.trans(u_dot), g, input_precision="ieee")
+        tl.store(p_offs, pu, mask=umask)
+        pbu = tl.load(pbU_ptr + ns, mask=nm, other=0.0)
+        tl.store(pbU_ptr + ns, pbu + scale * tl.sum(g.to(tl.float32), axis=0), mask=nm)
+    return du * scale
+
+
+@triton.jit
+def _mix_backward(z, du, C_ptr, q_ptr, alpha_ptr, pC_ptr, pq_ptr, dalpha_ptr, rows, row_mask,
+                  rk, r_mask, R, n_branch, stride_at, DOT_DTYPE: tl.constexpr):
+    """dz = du + sum_b (alpha_b du) C_b^T; dalpha rows stored; dC / dq partial slots += ."""
+    z_dot = z.to(DOT_DTYPE)
+    dz = du
+    cmask = r_mask[:, None] & r_mask[None, :]
+    for b in range(0, n_branch):
+        yb, cb, ab = _branch(z_dot, C_ptr, q_ptr, alpha_ptr, b, rows, row_mask, rk, r_mask, R,
+                             stride_at, DOT_DTYPE)
+        tl.store(dalpha_ptr + rows * n_branch + b, tl.sum(du * yb, axis=1), mask=row_mask)
+        adu = ab[:, None] * du
+        adu_dot = adu.to(DOT_DTYPE)
+        c_offs = pC_ptr + b * R * R + rk[:, None] * R + rk[None, :]
+        pc = tl.load(c_offs, mask=cmask, other=0.0)
+        pc += tl.dot(tl.trans(z_dot), adu_dot, input_precision="ieee")
+        tl.store(c_offs, pc, mask=cmask)
+        pq = tl.load(pq_ptr + b * R + rk, mask=r_mask, other=0.0)
+        tl.store(pq_ptr + b * R + rk, pq + tl.sum(adu, axis=0), mask=r_mask)
+        dz = tl.dot(adu_dot, tl.trans(cb), dz, input_precision="ieee")
+    return dz
+
+
+@triton.jit
+def _input_backward(dh, x_ptr, D_ptr, dx_ptr, pD_ptr, rows, row_mask, rk, r_mask, K, R,
+                    BLOCK_K: tl.constexpr, NEED_DX: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """K-loop: dx = dh D^T (stored) and this program's dD partial slot += x^T dh."""
+    dh_dot = dh.to(DOT_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        km = ks < K
+        dmask = km[:, None] & r_mask[None, :]
+        if NEED_DX:
+            dt = tl.load(D_ptr + ks[:, None] * R + rk[None, :], mask=dmask, other=0.0)
+            dx = tl.dot(dh_dot, tl.trans(dt.to(DOT_DTYPE)), input_precision="ieee")
+            xmask = row_mask[:, None] & km[None, :]
+            tl.store(dx_ptr + rows[:, None] * K + ks[None, :],
+                     dx.to(dx_ptr.dtype.element_ty), mask=xmask)
+        xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
+                     mask=row_mask[:, None] & km[None, :], other=0.0)
+        p_offs = pD_ptr + ks[:, None] * R + rk[None, :]
+        pd = tl.load(p_offs, mask=dmask, other=0.0)
+        pd += tl.dot(tl.trans(xt.to(DOT_DTYPE)), dh_dot, input_precision="ieee")
+        tl.store(p_offs, pd, mask=dmask)
+
+
+@triton.jit
+def _fused_adapter_bwd_kernel(
+    x_ptr, D_ptr, bD_ptr, C_ptr, q_ptr, alpha_ptr, U_ptr, g_ptr,
+    dx_ptr, pD_ptr, pbD_ptr, pC_ptr, pq_ptr, pU_ptr, pbU_ptr, dalpha_ptr,
+    T, K, R, N, n_branch, stride_at, scale,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    NEED_DX: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    rk = tl.arange(0, R_PAD)
+    r_mask = rk < R
+    # this program's private partial slots (int64: P*K*R may pass 2**31 on big layers)
+    slot = pid.to(tl.int64)
+    pD_ptr += slot * K * R
+    pbD_ptr += slot * R
+    pC_ptr += slot * n_branch * R * R
+    pq_ptr += slot * n_branch * R
+    pU_ptr += slot * R * N
+    pbU_ptr += slot * N
+    for tile in range(pid, tl.cdiv(T, BLOCK_T), n_prog):
+        rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_mask = rows < T
+        h = _hidden_tile(x_ptr, D_ptr, bD_ptr, rows, row_mask, rk, r_mask, K, R,
+                         BLOCK_T, BLOCK_K, R_PAD, DOT_DTYPE)
+        z = _gelu(h)
+        u = _mix_tile(z, C_ptr, q_ptr, alpha_ptr, rows, row_mask, rk, r_mask, R, n_branch,
+                      stride_at, DOT_DTYPE)
+        du = _out_backward(u.to(DOT_DTYPE), g_ptr, U_ptr, pU_ptr, pbU_ptr, rows, row_mask, rk,
+                           r_mask, N, scale, BLOCK_T, BLOCK_N, R_PAD, DOT_DTYPE)
+        dz = _mix_backward(z, du, C_ptr, q_ptr, alpha_ptr, pC_ptr, pq_ptr, dalpha_ptr, rows,
+                           row_mask, rk, r_mask, R, n_branch, stride_at, DOT_DTYPE)
+        dh = dz * _gelu_grad(h)
+        pbd = tl.load(pbD_ptr + rk, mask=r_mask, other=0.0)
+        tl.store(pbD_ptr + rk, pbd + tl.sum(dh, axis=0), mask=r_mask)
+        _input_backward(dh, x_ptr, D_ptr, dx_ptr, pD_ptr, rows, row_mask, rk, r_mask, K, R,
+                        BLOCK_K, NEED_DX, DOT_DTYPE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: check shapes, allocate, pick a configuration, launch. No math here.
+# ---------------------------------------------------------------------------------------------
+
+INTERPRETED = not isinstance(_fused_adapter_fwd_kernel, triton.runtime.jit.JITFunction)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Compile-time tiling of one kernel launch (all dot dimensions are >= 16)."""
+
+    block_t: int
+    block_k: int
+    block_n: int
+    r_pad: int
+    num_warps: int
+    num_stages: int = 2
+
+
+RANK_BUCKETS = (16, 32, 64, 128)
+
+
+def rank_bucket(r: int) -> int:
+    """Padded rank: the next power of two, at least 16 (GPU tl.dot minimum), at most 128."""
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"fused_adapter: rank {r} outside 1..{MAX_RANK}")
+    return max(16, triton.next_power_of_2(r))
+
+
+def fwd_config(r: int) -> KernelConfig:
+    """Forward tiling for rank r: fewer rows per program as the fp32 [T, R_PAD] tiles grow."""
+    rp = rank_bucket(r)
+    return KernelConfig(block_t=64 if rp <= 64 else 32, block_k=64 if rp <= 32 else 32,
+                        block_n=64, r_pad=rp, num_warps=4 if rp <= 64 else 8)
+
+
+def bwd_config(r: int) -> KernelConfig:
+    """Backward tiling: five live [BLOCK_T, R_PAD] fp32 tiles (h, z, u, du, dz), so 32 rows."""
+    rp = rank_bucket(r)
+    return KernelConfig(block_t=32, block_k=32, block_n=32, r_pad=rp,
+                        num_warps=4 if rp <= 64 else 8)
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Operand dtype of every tl.dot for activations of `dtype` (see module docstring)."""
+    if dtype == torch.bfloat16 and INTERPRETED:
+        return tl.float32
+    return _TL_DTYPE[dtype]
+
+
+def _check_inputs(x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, q: Tensor, alpha: Tensor,
+                  U: Tensor, b_U: Tensor, residual: Tensor | None) -> tuple[int, int, int, int, int]:
+    """Raise on anything the kernels (or a real GPU) would reject; return (T, K, R, N, n)."""
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and INTERPRETED):
+        raise RuntimeError("Triton fused_adapter needs a CUDA tensor (or CPU with TRITON_INTERPRET=1"
+                           f" set before import); got device {x.device}")
+    if x.dtype not in _TL_DTYPE:
+        raise TypeError(f"fused_adapter: unsupported dtype {x.dtype}")
+    T, K = x.shape
+    R, N, n = D.shape[1], U.shape[1], C.shape[0]
+    rank_bucket(R)
+    if not 1 <= n <= MAX_BRANCHES:
+        raise ValueError(f"fused_adapter: {n} branches outside 1..{MAX_BRANCHES}")
+    want = {"D": (K, R), "b_D": (R,), "C": (n, R, R), "q": (n, R), "U": (R, N), "b_U": (N,)}
+    got = {"D": D, "b_D": b_D, "C": C, "q": q, "U": U, "b_U": b_U}
+    for name, t in got.items():
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"fused_adapter: {name} has shape {tuple(t.shape)}, want {want[name]}")
+    if tuple(alpha.shape) not in ((n,), (T, n)):
+        raise ValueError(f"fused_adapter: alpha shape {tuple(alpha.shape)}, want ({n},) or ({T}, {n})")
+    if residual is not None and tuple(residual.shape) != (T, N):
+        raise ValueError(f"fused_adapter: residual shape {tuple(residual.shape)}, want ({T}, {N})")
+    for t in (D, b_D, C, q, alpha, U, b_U, *(() if residual is None else (residual,))):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError("fused_adapter (triton): all tensors must share x's dtype and device")
+    return T, K, R, N, n
+
+
+def triton_forward(x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, q: Tensor, alpha: Tensor,
+                   U: Tensor, b_U: Tensor, scale: float, residual: Tensor | None = None) -> Tensor:
+    """One launch of the forward kernel; x [T, K] -> out [T, N] in x.dtype."""
+    T, K, R, N, n = _check_inputs(x, D, b_D, C, q, alpha, U, b_U, residual)
+    x, D, b_D, C, q, alpha, U, b_U = (t.contiguous() for t in (x, D, b_D, C, q, alpha, U, b_U))
+    out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    res = out if residual is None else residual.contiguous()  # dummy pointer when HAS_RES=False
+    cfg = fwd_config(R)
+    _fused_adapter_fwd_kernel[(triton.cdiv(T, cfg.block_t),)](
+        x, D, b_D, C, q, alpha, U, b_U, res, out,
+        T, K, R, N, n, 0 if alpha.dim() == 1 else n, float(scale),
+        BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
+        HAS_RES=residual is not None, DOT_DTYPE=dot_dtype(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def default_max_programs(device: torch.device) -> int:
+    """Backward grid cap: enough programs to fill the GPU, few under the interpreter."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def triton_backward(grad: Tensor, x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, q: Tensor,
+                    alpha: Tensor, U: Tensor, b_U: Tensor, scale: float, need_dx: bool = True,
+                    max_programs: int | None = None) -> tuple[Tensor | None, ...]:
+    """(dx, dD, db_D, dC, dq, dalpha, dU, db_U); deterministic (per-program partials, no atomics)."""
+    T, K, R, N, n = _check_inputs(x, D, b_D, C, q, alpha, U, b_U, None)
+    x, D, b_D, C, q, alpha, U, g = (t.contiguous() for t in (x, D, b_D, C, q, alpha, U, grad))
+    cfg = bwd_config(R)
+    P = max(1, min(triton.cdiv(T, cfg.block_t), max_programs or default_max_programs(x.device)))
+    shapes = [(K, R), (R,), (n, R, R), (n, R), (R, N), (N,)]  # dD, db_D, dC, dq, dU, db_U
+    sizes = [P * int(torch.Size(s).numel()) for s in shapes]
+    flat = torch.zeros(sum(sizes), dtype=torch.float32, device=x.device)  # one memset
+    parts = [p.view(P, *s) for p, s in zip(flat.split(sizes), shapes)]
+    dalpha = torch.zeros(T, n, dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x) if need_dx else None
+    if T > 0:
+        _fused_adapter_bwd_kernel[(P,)](
+            x, D, b_D, C, q, alpha, U, g, x if dx is None else dx, *parts, dalpha,
+            T, K, R, N, n, 0 if alpha.dim() == 1 else n, float(scale),
+            BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
+            NEED_DX=need_dx, DOT_DTYPE=dot_dtype(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    dD, db_D, dC, dq, dU, db_U = (p.sum(0).to(x.dtype) for p in parts)
+    dalpha = (dalpha.sum(0) if alpha.dim() == 1 else dalpha).to(alpha.dtype)
+    return dx, dD, db_D, dC, dq, dalpha, dU, db_U
+
+
+class TritonFusedAdapter(torch.autograd.Function):
+    """Direct autograd wrapper over the Triton launchers (saves only inputs and parameters)."""
+
+    @staticmethod
+    def forward(ctx, x, D, b_D, C, q, alpha, U, b_U, scale, residual):  # type: ignore[override]
+        ctx.save_for_backward(x, D, b_D, C, q, alpha, U, b_U)
+        ctx.scale = scale
+        ctx.has_residual = residual is not None
+        return triton_forward(x, D, b_D, C, q, alpha, U, b_U, scale, residual)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        grads = triton_backward(grad, *ctx.saved_tensors, ctx.scale,
+                                need_dx=ctx.needs_input_grad[0])
+        return (*grads, None, grad if ctx.has_residual else None)
