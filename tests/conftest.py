@@ -10,8 +10,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -27,3 +27,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Each run converts MiniLM-L3 afresh into its own cache, as a clean machine would."""
+    os.environ["EDGETUNE_CACHE"] = str(tmp_path_factory.mktemp("edgetune-cache"))
+
+
+@pytest.fixture(scope="session")
+def minilm_l6():
+    from edgetune.zoo import load_backbone
+
+    return load_backbone("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def minilm_l3():
+    from edgetune.zoo import load_backbone
+
+    return load_backbone("minilm-l3")

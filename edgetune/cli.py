@@ -1,0 +1,135 @@
+"""The `edgetune` command: one subcommand per job, each in the module that owns the job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from edgetune.errors import EdgeTuneError
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from edgetune.zoo import ZOO, load_backbone
+
+    if args.name is None:
+        width = max(len(n) for n in ZOO)
+        for name, (description, _) in ZOO.items():
+            print(f"{name:<{width}}  {description}")
+        print("\nAny local Hugging Face folder (BERT, ViT, GPT-2, Llama) works as a path too.")
+        return 0
+    backbone = load_backbone(args.name)
+    spec = backbone.spec.to_dict()
+    if args.json:
+        print(json.dumps(spec, indent=2))
+        return 0
+    for key, value in spec.items():
+        shown = (
+            f"{value[0]} ... {value[-1]} ({len(value)})"
+            if isinstance(value, list) and value
+            else value
+        )
+        print(f"{key:<12} {shown}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from edgetune.data import DATASETS, fortune_categories, load_dataset
+    from edgetune.partition import dirichlet_partition, label_skew, partition_summary
+
+    if args.name is None:
+        for name, description in DATASETS.items():
+            print(f"{name:<10} {description}")
+        print(f"\nfortunes categories: {', '.join(fortune_categories())}")
+        print("Any .csv/.jsonl file with `text` and `label` columns works as a path too.")
+        return 0
+    options = {"seed": args.seed}
+    if args.categories:
+        options["categories"] = [c.strip() for c in args.categories.split(",") if c.strip()]
+    dataset = load_dataset(args.name, **options)
+    print(f"{dataset.name}: {dataset.modality}, {len(dataset.classes)} classes\n")
+    print(dataset.class_counts())
+    if args.clients:
+        parts = dirichlet_partition(dataset.train.labels, args.clients, args.alpha, seed=args.seed)
+        print(
+            f"\nDirichlet(alpha={args.alpha}) over {args.clients} clients, "
+            f"label skew {label_skew(dataset.train.labels, parts):.3f}:\n"
+        )
+        print(partition_summary(dataset.train.labels, parts, dataset.classes))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Smoke of the offline zoo and data (repointed to `simulate` once it exists)."""
+    from edgetune.data import load_dataset
+    from edgetune.partition import dirichlet_partition, label_skew, partition_summary
+    from edgetune.zoo import embed_texts, load_backbone
+
+    dataset = load_dataset("fortunes")
+    print(dataset.class_counts(), "\n")
+    parts = dirichlet_partition(dataset.train.labels, 6, 0.5, seed=0)
+    print(partition_summary(dataset.train.labels, parts, dataset.classes))
+    print(f"label skew {label_skew(dataset.train.labels, parts):.3f}\n")
+    for name in ("minilm-l6", "minilm-l3"):
+        backbone = load_backbone(name)
+        emb = embed_texts(backbone, [*dataset.test.inputs[:2], "An unrelated sentence about cats."])
+        print(
+            f"{name}: family {backbone.spec.family}, {backbone.spec.num_layers} layers, "
+            f"fingerprint {backbone.spec.fingerprint}, embedding dim {emb.shape[1]}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgetune", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="list backbones, or show one backbone's spec")
+    zoo.add_argument("name", nargs="?", help="zoo name or local model folder")
+    zoo.add_argument("--json", action="store_true", help="print the spec as JSON")
+    zoo.set_defaults(func=_cmd_zoo)
+
+    data = sub.add_parser("data", help="list datasets, or show one dataset's class counts")
+    data.add_argument("name", nargs="?", help="fortunes | mnist5k | digits | file.csv/.jsonl")
+    data.add_argument("--categories", help="fortunes categories, comma-separated")
+    data.add_argument("--clients", type=int, default=0, help="also show a Dirichlet partition")
+    data.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=_cmd_data)
+
+    demo = sub.add_parser("demo", help="run the main job on the embedded default config")
+    demo.set_defaults(func=_cmd_demo)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub: argparse._SubParsersAction) -> None:
+    """Subcommands owned by other packages register themselves here."""
+    import importlib.util
+
+    # TODO(issue 6): a hard import once server/cli.py has landed.
+    if importlib.util.find_spec("edgetune.server.cli") is not None:
+        from edgetune.server import cli as server_cli
+
+        server_cli.register_cli(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except EdgeTuneError as err:
+        print(f"edgetune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The `edgetune` CLI as a user runs it (a real subprocess)."""
+
+import subprocess
+import sys
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgetune.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_zoo_lists_and_shows_a_spec():
+    listing = _run("zoo")
+    assert listing.returncode == 0 and "minilm-l3" in listing.stdout
+    shown = _run("zoo", "tiny-llama-d32-l3")
+    assert shown.returncode == 0 and "model.layers.0.mlp" in shown.stdout
+
+
+def test_data_shows_class_counts_and_partition():
+    result = _run("data", "fortunes", "--categories", "computers,food", "--clients", "3")
+    assert result.returncode == 0, result.stderr
+    assert "computers" in result.stdout and "label skew" in result.stdout
+
+
+def test_unknown_backbone_exits_with_clear_error():
+    result = _run("zoo", "no-such-model")
+    assert result.returncode == 2 and "unknown backbone 'no-such-model'" in result.stderr
