@@ -1,0 +1,129 @@
+"""The shared wire contract: spec -> tensor schema, payload encoding, strict header parsing."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from edgetune.protocol import (
+    AdapterSpec,
+    ProtocolError,
+    UpdateMeta,
+    anchor_layers,
+    decode_payload,
+    encode_update,
+    initial_tensors,
+    parse_header,
+)
+
+
+def minilm_spec(**kw: object) -> AdapterSpec:
+    base = dict(
+        family="minilm-l6", fingerprint="sha256-abc", d_model=384, n_layers=6, rank=16, n_classes=4
+    )
+    base.update(kw)
+    return AdapterSpec(**base)  # type: ignore[arg-type]
+
+
+def test_anchor_layers() -> None:
+    assert anchor_layers(6, 2) == [2, 5]
+    assert anchor_layers(3, 2) == [1, 2]  # round_half_up(1.5) - 1 = 1
+    assert anchor_layers(12, 3) == [3, 7, 11]
+    with pytest.raises(ProtocolError):
+        anchor_layers(2, 3)
+
+
+def test_spec_schema_names_and_shapes() -> None:
+    spec = minilm_spec()
+    up = spec.upload_tensors()
+    assert up["global.anchor1.C"].shape == (16, 16) and up["global.anchor2.q"].shape == (16,)
+    assert up["family.layer0.D"].shape == (384, 16) and up["family.layer5.U"].shape == (16, 384)
+    assert up["family.layer2.alpha_logits"].shape == (3,)  # anchor layer: global+family+private
+    assert up["family.layer0.alpha_logits"].shape == (2,)
+    assert up["family.head.weight"].shape == (4, 384)
+    assert not any(n.startswith("private.") for n in up)
+    assert len(spec.private_tensors()) == 12
+    # the global part is identical for a family of a different width and depth
+    other = minilm_spec(family="bert-wide", d_model=768, n_layers=12)
+    assert {n: t.shape for n, t in other.global_tensors().items()} == {
+        n: t.shape for n, t in spec.global_tensors().items()
+    }
+    tok = minilm_spec(gate="token").upload_tensors()
+    assert tok["family.layer5.W_alpha"].shape == (16, 3)
+
+
+def test_spec_roundtrip_and_validation() -> None:
+    spec = minilm_spec()
+    assert AdapterSpec.from_json(spec.to_json()) == spec
+    assert AdapterSpec.from_json(spec.to_json()).spec_hash == spec.spec_hash
+    with pytest.raises(ProtocolError, match="unknown spec fields"):
+        AdapterSpec.from_dict({**spec.to_dict(), "bogus": 1})
+    with pytest.raises(ProtocolError, match="rank"):
+        minilm_spec(rank=0)
+    with pytest.raises(ProtocolError, match="family"):
+        minilm_spec(family="Bad Name!")
+    lora = AdapterSpec(
+        family="f",
+        fingerprint="x",
+        d_model=8,
+        n_layers=1,
+        rank=2,
+        kind="lora",
+        lora_modules=(("q", 8, 8),),
+    )
+    assert set(lora.upload_tensors()) == {"lora.q.A", "lora.q.B"}
+    assert lora.family_key() == AdapterSpec.from_dict({**lora.to_dict(), "rank": 4}).family_key()
+
+
+def test_update_roundtrip() -> None:
+    spec = minilm_spec(n_layers=2, d_model=8, rank=4, n_classes=0)
+    g, f = initial_tensors(spec, seed=1)
+    data = encode_update({**g, **f}, spec, round_id=3, num_samples=10, metrics={"loss": 0.5})
+    payload = decode_payload(data)
+    meta = UpdateMeta.from_metadata(payload.metadata)
+    assert meta.round_id == 3 and meta.num_samples == 10 and meta.metrics == {"loss": 0.5}
+    assert meta.spec_hash == spec.spec_hash
+    assert set(payload.tensors) == set(spec.upload_tensors())
+    assert torch.equal(payload.tensors["family.layer0.D"], f["family.layer0.D"])
+    _g2, f2 = initial_tensors(spec, seed=1)
+    assert torch.equal(f2["family.layer1.D"], f["family.layer1.D"])  # deterministic init
+    assert f["family.layer0.U"].abs().sum() == 0
+
+
+def _raw(header: dict, data: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+@pytest.mark.parametrize(
+    ("blob", "code"),
+    [
+        (b"abc", "not_safetensors"),
+        (struct.pack("<Q", 1 << 60) + b"{}", "header_too_large"),
+        (struct.pack("<Q", 100) + b"{}", "truncated_payload"),
+        (struct.pack("<Q", 2) + b"[]", "not_safetensors"),
+        (
+            _raw({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"1234"),
+            "truncated_payload",
+        ),
+        (
+            _raw({"x": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, b"12345678"),
+            "bad_dtype",
+        ),
+        (
+            _raw({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"12345678"),
+            "bad_offsets",
+        ),
+        (
+            _raw({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"12345678"),
+            "bad_offsets",
+        ),
+    ],
+)
+def test_parse_header_rejects(blob: bytes, code: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_header(blob)
+    assert info.value.code == code
