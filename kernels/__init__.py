@@ -1,1 +1,60 @@
-"""edgetune.kernels: the fused multi-branch adapter op (Triton + PyTorch paths)."""
+"""edgetune.kernels: the fused multi-branch adapter op (Triton + PyTorch paths).
+
+    from edgetune.kernels import fused_adapter, active_path
+    out = fused_adapter(x, D, b_D, C, q, alpha, U, b_U, scale, residual=ffn_out)
+
+Dispatch (DESIGN.md section 5): CUDA -> Triton, CPU -> PyTorch path; `EDGETUNE_KERNEL=triton|
+torch|reference` forces a path (and raises if it cannot run); `active_path(device)` tells which
+one a call would take.
+"""
+
+import torch
+from torch import Tensor
+
+from .op import KERNEL_ENV, PATHS, active_path, adapter_backward_flops, adapter_flops
+from .reference import reference_adapter
+
+__all__ = [
+    "KERNEL_ENV",
+    "PATHS",
+    "active_path",
+    "adapter_backward_flops",
+    "adapter_flops",
+    "fused_adapter",
+    "reference_adapter",
+]
+
+
+def fused_adapter(
+    x: Tensor,
+    D: Tensor,
+    b_D: Tensor,
+    C: Tensor,
+    q: Tensor,
+    alpha: Tensor,
+    U: Tensor,
+    b_U: Tensor,
+    scale: float,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """`residual + scale * (u @ U + b_U)` (or the delta alone), u the mixed branch activations.
+
+    x: [..., d_in] (leading dims are flattened to T tokens), D: [d_in, r], b_D: [r],
+    C: [n, r, r], q: [n, r], alpha: [n] (per layer) or [..., n] (per token, same leading dims as
+    x), already normalised by the caller; U: [r, d_out], b_U: [d_out]; residual: [..., d_out].
+    Math: z = gelu(x @ D + b_D) (exact erf), u = z + sum_b alpha_b (z @ C_b + q_b).
+    Parameters in another floating dtype are cast to x.dtype (autograd flows through the cast);
+    the residual must already have x's dtype. Returns x.dtype, shape [..., d_out].
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if alpha.dim() > 1:
+        alpha = alpha.reshape(-1, alpha.shape[-1])
+    params = [t if t.dtype == x.dtype else t.to(x.dtype) for t in (D, b_D, C, q, alpha, U, b_U)]
+    res2 = None
+    if residual is not None:
+        if residual.dtype != x.dtype:
+            raise TypeError(f"fused_adapter: residual dtype {residual.dtype} != x dtype {x.dtype}")
+        res2 = residual.reshape(-1, residual.shape[-1])
+    out = torch.ops.edgetune.fused_adapter(x2, *params, float(scale), res2)
+    return out.reshape(*lead, out.shape[-1])

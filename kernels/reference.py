@@ -53,3 +53,26 @@ def reference_fp64(
     args = [t.double() for t in (x, D, b_D, C, q, alpha, U, b_U)]
     res = None if residual is None else residual.double()
     return reference_adapter(*args, scale, res).to(x.dtype)
+
+
+def reference_backward(
+    grad: Tensor,
+    x: Tensor,
+    D: Tensor,
+    b_D: Tensor,
+    C: Tensor,
+    q: Tensor,
+    alpha: Tensor,
+    U: Tensor,
+    b_U: Tensor,
+    scale: float,
+    need_dx: bool = True,
+) -> tuple[Tensor | None, ...]:
+    """(dx, dD, db_D, dC, dq, dalpha, dU, db_U) by fp64 autograd through the reference loop."""
+    inputs = (x, D, b_D, C, q, alpha, U, b_U)
+    with torch.enable_grad():
+        leaves = [t.detach().double().requires_grad_() for t in inputs]
+        out = reference_adapter(*leaves, scale)
+        grads = torch.autograd.grad(out, leaves, grad.double())
+    cast = [g.to(t.dtype) for g, t in zip(grads, inputs)]
+    return (cast[0] if need_dx else None, *cast[1:])

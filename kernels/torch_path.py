@@ -155,7 +155,7 @@ def torch_backward(
     del dz, z, h
     dD = torch.mm(x.t(), dh)
     dx = torch.mm(dh, D.t()) if need_dx else None
-    grads = (dx, dD, dh.sum(0), dC, dq, dalpha, dW[:-1], dW[-1])
+    grads = (dx, dD, dh.sum(0), dC, dq, dalpha, dW[:-1], dW[-1].clone())  # no aliasing
     return tuple(  # type: ignore[return-value]
         None if gr is None else gr.to(dt) for gr, dt in zip(grads, dtypes)
     )
