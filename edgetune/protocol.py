@@ -55,7 +55,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 
 PROTOCOL_VERSION = 1
 API_PREFIX = "/v1"
@@ -318,11 +317,36 @@ class Payload:
     metadata: dict[str, str]
 
 
+_TAG_OF = {dt: tag for tag, (dt, _) in FLOAT_DTYPES.items()}
+
+
 def encode_payload(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
-    """safetensors bytes of ``tensors`` (moved to CPU, made contiguous) with ``metadata``."""
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    """Deterministic safetensors bytes of float ``tensors`` with ``metadata``.
+
+    Same tensors and metadata give the same bytes (sorted header keys, tensors in name order),
+    so a client's retry and the server's content-addressed blobs are byte-stable. The output
+    is standard safetensors (any safetensors reader loads it).
+    """
     meta = {META_PROTOCOL: str(PROTOCOL_VERSION), **{k: str(v) for k, v in metadata.items()}}
-    return _st_save(clean, metadata=meta)
+    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+    chunks, pos = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _TAG_OF:
+            raise ProtocolError(
+                "bad_dtype", f"tensor {name!r} has dtype {t.dtype}; only float types travel"
+            )
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {
+            "dtype": _TAG_OF[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + len(raw)],
+        }
+        chunks.append(raw)
+        pos += len(raw)
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -570,13 +594,22 @@ def initial_tensors(
 
 
 def truncate_lora(tensors: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-    """Slice LoRA factors to ``rank`` (A[:rank], B[:, :rank]); other tensors pass through."""
+    """Fit LoRA factors to ``rank``: slice (A[:rank], B[:, :rank]) or zero-pad when smaller.
+
+    Other tensors pass through unchanged.
+    """
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        if name.startswith("lora.") and name.endswith(".A"):
-            out[name] = t[:rank].contiguous()
-        elif name.startswith("lora.") and name.endswith(".B"):
-            out[name] = t[:, :rank].contiguous()
-        else:
+        is_a = name.startswith("lora.") and name.endswith(".A")
+        is_b = name.startswith("lora.") and name.endswith(".B")
+        if not (is_a or is_b):
             out[name] = t
+            continue
+        dim = 0 if is_a else 1
+        fitted = t.narrow(dim, 0, min(rank, t.shape[dim]))
+        if fitted.shape[dim] < rank:
+            shape = list(t.shape)
+            shape[dim] = rank - fitted.shape[dim]
+            fitted = torch.cat([fitted, t.new_zeros(shape)], dim=dim)
+        out[name] = fitted.contiguous()
     return out

@@ -1,0 +1,194 @@
+"""The HTTP API (FastAPI, versioned under ``/v1``); OpenAPI at ``/v1/openapi.json``.
+
+Control messages are JSON, tensors are safetensors bytes (``application/octet-stream``).
+Every error is JSON ``{"error": <code>, "detail": <message>, ...}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import edgetune
+from edgetune.protocol import PROTOCOL_VERSION
+
+from .rounds import Coordinator
+from .storage import ClientRecord
+from .strategy import GLOBAL, family_model
+from .validation import ApiError
+
+OCTET = "application/octet-stream"
+_BINARY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
+        "description": "safetensors update with edgetune.* metadata (see edgetune.protocol)",
+    }
+}
+_BINARY_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
+        "description": "safetensors",
+    }
+}
+
+
+class RegisterRequest(BaseModel):
+    spec: dict[str, Any] = Field(
+        description="AdapterSpec as JSON (edgetune.protocol.AdapterSpec.to_dict)"
+    )
+    tier: str = Field(
+        "default", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="quantization/rank tier label"
+    )
+
+
+class RegisterResponse(BaseModel):
+    client_id: str
+    token: str
+    family: str
+    spec: dict[str, Any]
+    tier: str
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise ApiError(401, "missing_token", "Authorization: Bearer <token> header is required")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing_token", "Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(
+                400, "bad_content_length", f"Content-Length {declared!r} is not a number"
+            )
+        if int(declared) > limit:
+            raise ApiError(
+                413, "payload_too_large", f"body of {declared} bytes exceeds the {limit}-byte cap"
+            )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "payload_too_large", f"body exceeds the {limit}-byte cap")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(coord: Coordinator, *, run_scheduler: bool = True) -> FastAPI:
+    """The FastAPI app over a coordinator; the round scheduler runs for the app's lifetime."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if run_scheduler:
+            coord.start()
+        try:
+            yield
+        finally:
+            if run_scheduler:
+                coord.stop()
+
+    app = FastAPI(
+        title="EdgeTune aggregation server",
+        version=edgetune.__version__,
+        openapi_url="/v1/openapi.json",
+        docs_url="/v1/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    _install_error_handlers(app)
+    _install_routes(app, coord)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        detail = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        return JSONResponse(
+            {"error": "bad_request", "detail": detail, "errors": errors}, status_code=422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code)
+
+
+def _install_routes(app: FastAPI, coord: Coordinator) -> None:
+    async def client_of(request: Request) -> ClientRecord:
+        return await run_in_threadpool(coord.authenticate, _bearer(request))
+
+    @app.get("/v1/health", tags=["meta"])
+    async def health() -> dict[str, Any]:
+        """Liveness: no auth, no state access beyond the process."""
+        return {"status": "ok", "protocol": PROTOCOL_VERSION, "version": edgetune.__version__}
+
+    @app.post("/v1/register", status_code=201, response_model=RegisterResponse, tags=["clients"])
+    async def register(body: RegisterRequest, request: Request) -> dict[str, Any]:
+        """Exchange the join token (``Authorization: Bearer <join token>``) for a client token."""
+        join = _bearer(request)
+        return await run_in_threadpool(coord.register, join, body.spec, body.tier)
+
+    @app.get("/v1/rounds/current", tags=["rounds"])
+    async def current_round(request: Request) -> dict[str, Any]:
+        """The current round: state, deadline, what to download and where to upload."""
+        client = await client_of(request)
+        return await run_in_threadpool(coord.round_info, client)
+
+    @app.get("/v1/global", response_class=Response, responses=_BINARY_RESPONSE, tags=["models"])
+    async def download_global(request: Request) -> Response:
+        """Latest global branch (``global.*`` tensors) as safetensors."""
+        client = await client_of(request)
+        data, version = await run_in_threadpool(coord.download, GLOBAL, client)
+        return Response(data, media_type=OCTET, headers={"X-EdgeTune-Version": str(version)})
+
+    @app.get(
+        "/v1/families/{family}",
+        response_class=Response,
+        responses=_BINARY_RESPONSE,
+        tags=["models"],
+    )
+    async def download_family(family: str, request: Request) -> Response:
+        """Latest family bundle (``family.*`` / ``lora.*`` tensors) as safetensors."""
+        client = await client_of(request)
+        data, version = await run_in_threadpool(coord.download, family_model(family), client)
+        return Response(data, media_type=OCTET, headers={"X-EdgeTune-Version": str(version)})
+
+    @app.put(
+        "/v1/rounds/{round_id}/updates/{client_id}", openapi_extra=_BINARY_BODY, tags=["rounds"]
+    )
+    async def upload(round_id: int, client_id: str, request: Request) -> JSONResponse:
+        """Upload this client's update for a round (201; identical retry 200; other 4xx)."""
+        client = await client_of(request)
+        if client.client_id != client_id:
+            raise ApiError(403, "forbidden", f"token belongs to another client, not {client_id!r}")
+        body = await _read_body(request, coord.config.max_upload_bytes)
+        status, payload = await run_in_threadpool(coord.submit_update, client, round_id, body)
+        return JSONResponse(payload, status_code=status)
+
+    @app.get("/v1/status", tags=["meta"])
+    async def status(request: Request) -> dict[str, Any]:
+        """Rounds, participants, bytes in/out, per-family metrics (join or client token)."""
+        await run_in_threadpool(coord.check_status_token, _bearer(request))
+        return await run_in_threadpool(coord.status)

@@ -1,0 +1,286 @@
+"""Durable server state: SQLite (WAL) for records, content-addressed blob files for tensors.
+
+Blobs are named by the sha256 of their bytes and written temp -> fsync -> rename -> fsync(dir),
+so a blob file either is complete or does not exist, and writing the same bytes twice is a
+no-op. Records reference blobs by hash; a blob written before a crash but never referenced is
+harmless. Every state change is one SQLite transaction (``with storage.transaction():``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+ROUND_STATES = ("open", "collecting", "aggregating", "closed", "abandoned")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS families(
+    family TEXT PRIMARY KEY, spec_json TEXT NOT NULL, family_key TEXT NOT NULL,
+    created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS clients(
+    client_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE,
+    family TEXT NOT NULL REFERENCES families(family), tier TEXT NOT NULL,
+    spec_json TEXT NOT NULL, spec_hash TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds(
+    round_id INTEGER PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('open','collecting','aggregating','closed','abandoned')),
+    opened_at REAL NOT NULL, deadline REAL NOT NULL, extensions INTEGER NOT NULL DEFAULT 0,
+    closed_at REAL, summary_json TEXT);
+CREATE TABLE IF NOT EXISTS updates(
+    round_id INTEGER NOT NULL REFERENCES rounds(round_id),
+    client_id TEXT NOT NULL REFERENCES clients(client_id),
+    family TEXT NOT NULL, tier TEXT NOT NULL, num_samples INTEGER NOT NULL CHECK (num_samples > 0),
+    sha256 TEXT NOT NULL, nbytes INTEGER NOT NULL, metrics_json TEXT NOT NULL,
+    received_at REAL NOT NULL, PRIMARY KEY (round_id, client_id));
+CREATE TABLE IF NOT EXISTS models(
+    name TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL, nbytes INTEGER NOT NULL,
+    PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS round_metrics(
+    round_id INTEGER NOT NULL, family TEXT NOT NULL, tier TEXT NOT NULL, key TEXT NOT NULL,
+    value REAL NOT NULL, PRIMARY KEY (round_id, family, tier, key));
+CREATE TABLE IF NOT EXISTS counters(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    client_id: str
+    family: str
+    tier: str
+    spec_json: str
+    spec_hash: str
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round_id: int
+    state: str
+    opened_at: float
+    deadline: float
+    extensions: int
+    closed_at: float | None
+    summary: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    round_id: int
+    client_id: str
+    family: str
+    tier: str
+    num_samples: int
+    sha256: str
+    nbytes: int
+    metrics: dict[str, float]
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Immutable content-addressed files under ``<state>/blobs``."""
+
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob("*.tmp"):  # from a write interrupted by a crash
+            leftover.unlink()
+
+    def path(self, digest: str) -> Path:
+        return self.root / f"{digest}.safetensors"
+
+    def put(self, data: bytes, digest: str | None = None) -> str:
+        """Write ``data`` atomically under its sha256; returns the digest."""
+        digest = digest or sha256_hex(data)
+        final = self.path(digest)
+        if final.exists():
+            return digest
+        tmp = self.root / f"{digest}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        if self.fsync:
+            _fsync_dir(self.root)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        return self.path(digest).read_bytes()
+
+
+class Storage:
+    """SQLite (WAL) state plus a blob store, safe to share between threads (one lock)."""
+
+    def __init__(
+        self, state_dir: str | Path, synchronous: str = "FULL", fsync_blobs: bool = True
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.state_dir / "server.sqlite3"
+        self.blobs = BlobStore(self.state_dir / "blobs", fsync=fsync_blobs)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        with self.transaction():
+            self._create_schema()
+
+    def _create_schema(self) -> None:
+        for stmt in _SCHEMA.split(";"):
+            if stmt.strip():
+                self._conn.execute(stmt)
+        row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self._conn.execute(
+                "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row["value"]) != SCHEMA_VERSION:
+            raise RuntimeError(f"state schema version {row['value']} != supported {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: committed on success, rolled back on any exception."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    # -- meta ----------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        rows = self.query("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0]["value"] if rows else None
+
+    # -- families and clients ------------------------------------------------------------
+    def family_spec(self, family: str) -> str | None:
+        rows = self.query("SELECT spec_json FROM families WHERE family=?", (family,))
+        return rows[0]["spec_json"] if rows else None
+
+    def families(self) -> list[str]:
+        return [r["family"] for r in self.query("SELECT family FROM families ORDER BY family")]
+
+    def client_by_token_hash(self, token_hash: str) -> tuple[ClientRecord, str] | None:
+        rows = self.query("SELECT * FROM clients WHERE token_hash=?", (token_hash,))
+        if not rows:
+            return None
+        r = rows[0]
+        rec = ClientRecord(r["client_id"], r["family"], r["tier"], r["spec_json"], r["spec_hash"])
+        return rec, r["token_hash"]
+
+    def count_clients(self) -> int:
+        return int(self.query("SELECT COUNT(*) AS n FROM clients")[0]["n"])
+
+    # -- rounds --------------------------------------------------------------------------
+    @staticmethod
+    def _round(row: sqlite3.Row) -> RoundRecord:
+        summary = json.loads(row["summary_json"]) if row["summary_json"] else None
+        return RoundRecord(
+            row["round_id"],
+            row["state"],
+            row["opened_at"],
+            row["deadline"],
+            row["extensions"],
+            row["closed_at"],
+            summary,
+        )
+
+    def latest_round(self) -> RoundRecord | None:
+        rows = self.query("SELECT * FROM rounds ORDER BY round_id DESC LIMIT 1")
+        return self._round(rows[0]) if rows else None
+
+    def rounds(self) -> list[RoundRecord]:
+        return [self._round(r) for r in self.query("SELECT * FROM rounds ORDER BY round_id")]
+
+    def updates(self, round_id: int) -> list[UpdateRecord]:
+        rows = self.query(
+            "SELECT * FROM updates WHERE round_id=? ORDER BY sha256, client_id", (round_id,)
+        )
+        return [
+            UpdateRecord(
+                r["round_id"],
+                r["client_id"],
+                r["family"],
+                r["tier"],
+                r["num_samples"],
+                r["sha256"],
+                r["nbytes"],
+                json.loads(r["metrics_json"]),
+            )
+            for r in rows
+        ]
+
+    def update_of(self, round_id: int, client_id: str) -> UpdateRecord | None:
+        return next((u for u in self.updates(round_id) if u.client_id == client_id), None)
+
+    def count_updates(self, round_id: int) -> int:
+        return int(
+            self.query("SELECT COUNT(*) AS n FROM updates WHERE round_id=?", (round_id,))[0]["n"]
+        )
+
+    # -- models --------------------------------------------------------------------------
+    def latest_model(self, name: str) -> tuple[int, str] | None:
+        rows = self.query(
+            "SELECT version, sha256 FROM models WHERE name=? ORDER BY version DESC LIMIT 1", (name,)
+        )
+        return (rows[0]["version"], rows[0]["sha256"]) if rows else None
+
+    def counter(self, key: str) -> int:
+        rows = self.query("SELECT value FROM counters WHERE key=?", (key,))
+        return int(rows[0]["value"]) if rows else 0
+
+    def add_counter(self, key: str, delta: int) -> None:
+        with self.transaction() as c:
+            _bump(c, key, delta)
+
+
+def _bump(conn: sqlite3.Connection, key: str, delta: int) -> None:
+    conn.execute(
+        "INSERT INTO counters(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + ?",
+        (key, delta, delta),
+    )
+
+
+def bump_counter(conn: sqlite3.Connection, key: str, delta: int) -> None:
+    """Add ``delta`` to a counter inside the caller's transaction."""
+    _bump(conn, key, delta)
+
+
+def now() -> float:
+    return time.time()

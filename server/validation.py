@@ -1,0 +1,151 @@
+"""Validation of uploads before anything is stored; every failure is a 4xx ``ApiError``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgetune.protocol import (
+    DTYPE_NAMES,
+    FLOAT_DTYPES,
+    GROUP_PRIVATE,
+    AdapterSpec,
+    ProtocolError,
+    TensorEntry,
+    UpdateMeta,
+    decode_payload,
+    parse_header,
+)
+
+#: Protocol error codes that mean "these bytes are not a well-formed payload" (400); the rest
+#: are well-formed payloads whose content breaks the contract (422).
+MALFORMED_CODES = frozenset(
+    {"not_safetensors", "header_too_large", "truncated_payload", "bad_offsets"}
+)
+
+
+class ApiError(Exception):
+    """A client error with an HTTP status, a stable code and a message naming the problem."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "detail": self.message, **self.extra}
+
+
+def from_protocol_error(exc: ProtocolError) -> ApiError:
+    status = 400 if exc.code in MALFORMED_CODES else 422
+    return ApiError(status, exc.code, exc.message)
+
+
+@dataclass(frozen=True)
+class ValidatedUpdate:
+    meta: UpdateMeta
+    tensors: dict[str, torch.Tensor]
+
+
+def check_tensor_schema(
+    entries: Mapping[str, tuple[str, tuple[int, ...]]], spec: AdapterSpec, dtype: str
+) -> None:
+    """Exact key set, shapes and one dtype; ``entries`` maps name -> (safetensors dtype, shape)."""
+    private = sorted(n for n in entries if n.split(".", 1)[0] == GROUP_PRIVATE)
+    if private:
+        raise ApiError(
+            422, "private_tensor", f"private tensors must never be uploaded: {private[:5]}"
+        )
+    expected = spec.upload_tensors()
+    missing = sorted(set(expected) - set(entries))
+    if missing:
+        raise ApiError(
+            422, "missing_tensors", f"{len(missing)} expected tensors missing, e.g. {missing[:5]}"
+        )
+    extra = sorted(set(entries) - set(expected))
+    if extra:
+        raise ApiError(
+            422, "unexpected_tensors", f"{len(extra)} tensors not in the spec, e.g. {extra[:5]}"
+        )
+    tag = DTYPE_NAMES[dtype]
+    for name, (etype, shape) in entries.items():
+        if tuple(shape) != expected[name].shape:
+            raise ApiError(
+                422,
+                "shape_mismatch",
+                f"tensor {name!r} has shape {list(shape)}, expected {list(expected[name].shape)}",
+            )
+        if etype != tag:
+            raise ApiError(
+                422, "bad_dtype", f"tensor {name!r} has dtype {etype}, metadata declares {dtype}"
+            )
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise ApiError(422, "non_finite", f"tensor {name!r} contains {bad} values")
+
+
+def _check_meta(
+    meta: UpdateMeta, spec: AdapterSpec, round_id: int, max_samples: int, allowed: tuple[str, ...]
+) -> None:
+    if meta.family != spec.family:
+        raise ApiError(
+            422, "wrong_family", f"update is for family {meta.family!r}, client is {spec.family!r}"
+        )
+    if meta.spec_hash != spec.spec_hash:
+        raise ApiError(
+            422, "spec_mismatch", "update spec_hash differs from the spec this client registered"
+        )
+    if meta.fingerprint != spec.fingerprint:
+        raise ApiError(
+            422, "fingerprint_mismatch", f"backbone fingerprint {meta.fingerprint!r} != registered"
+        )
+    if meta.round_id != round_id:
+        raise ApiError(
+            422, "round_mismatch", f"metadata round {meta.round_id} != URL round {round_id}"
+        )
+    if not 1 <= meta.num_samples <= max_samples:
+        raise ApiError(
+            422, "bad_num_samples", f"num_samples={meta.num_samples} must be in 1..{max_samples}"
+        )
+    if meta.dtype not in allowed:
+        raise ApiError(
+            422, "bad_dtype", f"dtype {meta.dtype!r} not allowed; allowed: {list(allowed)}"
+        )
+
+
+def validate_update(
+    body: bytes,
+    spec: AdapterSpec,
+    round_id: int,
+    *,
+    max_samples: int,
+    allowed_dtypes: tuple[str, ...],
+) -> ValidatedUpdate:
+    """Parse and check an upload completely; tensors come back as float32."""
+    try:
+        metadata, entries = parse_header(body)
+        meta = UpdateMeta.from_metadata(metadata)
+    except ProtocolError as exc:
+        raise from_protocol_error(exc) from exc
+    _check_meta(meta, spec, round_id, max_samples, allowed_dtypes)
+    check_tensor_schema(_entry_view(entries), spec, meta.dtype)
+    try:
+        tensors = decode_payload(body).tensors
+    except ProtocolError as exc:
+        raise from_protocol_error(exc) from exc
+    check_finite(tensors)
+    target = FLOAT_DTYPES[DTYPE_NAMES[spec.dtype]][0]
+    return ValidatedUpdate(meta, {k: v.to(target) for k, v in tensors.items()})
+
+
+def _entry_view(entries: Mapping[str, TensorEntry]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {n: (e.dtype, e.shape) for n, e in entries.items()}
