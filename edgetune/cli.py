@@ -21,6 +21,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
         print("\nAny local Hugging Face folder (BERT, ViT, GPT-2, Llama) works as a path too.")
         return 0
     backbone = load_backbone(args.name)
+    if args.adapter:
+        return _print_adapter_counts(backbone, args)
     spec = backbone.spec.to_dict()
     if args.json:
         print(json.dumps(spec, indent=2))
@@ -32,6 +34,28 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
             else value
         )
         print(f"{key:<12} {shown}")
+    return 0
+
+
+def _print_adapter_counts(backbone, args: argparse.Namespace) -> int:
+    from edgetune.adapters import AdapterConfig, apply_fedadapter
+    from edgetune.lora import LoraConfig, apply_lora
+
+    if args.adapter == "lora":
+        handle = apply_lora(backbone.model, backbone.spec, LoraConfig(rank=args.rank))
+    else:
+        config = AdapterConfig(rank=args.rank, n_anchors=args.anchors)
+        handle = apply_fedadapter(backbone.model, backbone.spec, config)
+    counts = handle.parameter_counts()
+    print(f"{backbone.spec.name} + {args.adapter} (rank {args.rank}): parameters per group")
+    for group, count in counts.items():
+        if count:
+            share = (
+                f"{100 * count / counts['backbone']:.3f}% of backbone"
+                if group != "backbone"
+                else ""
+            )
+            print(f"  {group:<14} {count:>12,}  {share}")
     return 0
 
 
@@ -90,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="list backbones, or show one backbone's spec")
     zoo.add_argument("name", nargs="?", help="zoo name or local model folder")
     zoo.add_argument("--json", action="store_true", help="print the spec as JSON")
+    zoo.add_argument("--adapter", choices=("fedadapter", "lora"), help="print parameter counts")
+    zoo.add_argument("--rank", type=int, default=16, help="adapter rank (with --adapter)")
+    zoo.add_argument("--anchors", type=int, default=2, help="global anchor slots K")
     zoo.set_defaults(func=_cmd_zoo)
 
     data = sub.add_parser("data", help="list datasets, or show one dataset's class counts")

@@ -26,3 +26,10 @@ def test_data_shows_class_counts_and_partition():
 def test_unknown_backbone_exits_with_clear_error():
     result = _run("zoo", "no-such-model")
     assert result.returncode == 2 and "unknown backbone 'no-such-model'" in result.stderr
+
+
+def test_zoo_prints_adapter_parameter_counts():
+    result = _run("zoo", "tiny-bert-d32-l4", "--adapter", "fedadapter", "--rank", "4")
+    assert result.returncode == 0, result.stderr
+    # K=2 anchors x (4*4 + 4) global parameters, exactly.
+    assert any(line.split()[:2] == ["global", "40"] for line in result.stdout.splitlines())

@@ -1,0 +1,225 @@
+"""FedAdapter: the multi-branch parallel adapter of DESIGN.md section 3, injected into a backbone.
+
+Per adapted block l (x: the feed-forward input, [..., d]):
+
+    z     = gelu(x @ D + b_D)                          D: [d, r]  family
+    u     = z + sum_b alpha_b * (z @ C_b + q_b)        branches: global (anchor blocks only),
+                                                                 family, private; C_b: [r, r]
+    delta = s * (u @ U + b_U)                          U: [r, d]  family, zero at init
+
+The whole computation is one call of the fused op `edgetune.kernels.fused_adapter`, which also
+adds the FFN output it is given as `residual`. `apply_fedadapter` swaps module *instances* on the
+given model (the block's FFN output module becomes a wrapper holding the original and the
+adapter), freezes every backbone parameter and returns an `AdapterHandle`, which names the
+trainable tensors with the wire names of `edgetune.protocol` and can remove the adapters again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from edgetune import kernels
+from edgetune.adapter_handle import AdapterHandle
+from edgetune.errors import ConfigError
+from edgetune.protocol import anchor_layers
+from edgetune.zoo import BackboneSpec
+
+BRANCHES = ("global", "family", "private")
+GATES = ("layer", "token")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What a client trains. `blocks`: "all", "from:N" (blocks N.. , 0-based) or a tuple."""
+
+    rank: int = 16
+    branches: tuple[str, ...] = BRANCHES
+    n_anchors: int = 2
+    gate: str = "layer"
+    scale: float = 1.0
+    blocks: str | tuple[int, ...] = "all"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.rank, bool)
+            or not isinstance(self.rank, int)
+            or not 1 <= self.rank <= 128
+        ):
+            raise ConfigError(f"adapter.rank={self.rank!r}: must be an integer in 1..128")
+        if (
+            not self.branches
+            or len(set(self.branches)) != len(self.branches)
+            or any(b not in BRANCHES for b in self.branches)
+        ):
+            raise ConfigError(
+                f"adapter.branches={self.branches!r}: a non-empty subset of {BRANCHES}"
+            )
+        if tuple(b for b in BRANCHES if b in self.branches) != tuple(self.branches):
+            raise ConfigError(f"adapter.branches={self.branches!r}: keep the order {BRANCHES}")
+        if not isinstance(self.n_anchors, int) or self.n_anchors < ("global" in self.branches):
+            raise ConfigError(
+                f"adapter.n_anchors={self.n_anchors!r}: must be >= 1 with a global branch"
+            )
+        if self.gate not in GATES:
+            raise ConfigError(f"adapter.gate={self.gate!r}: allowed values are {GATES}")
+        if not math.isfinite(self.scale) or self.scale <= 0:
+            raise ConfigError(f"adapter.scale={self.scale!r}: must be a positive finite number")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter.dropout={self.dropout!r}: must be in [0, 1)")
+        _parse_blocks(self.blocks, num_layers=None)
+
+    def adapted_blocks(self, num_layers: int) -> list[int]:
+        return _parse_blocks(self.blocks, num_layers)
+
+    def anchor_blocks(self, num_layers: int) -> list[int]:
+        """Blocks holding a global slot: anchor k of n adapted blocks is the round(k*n/K)-th."""
+        if "global" not in self.branches:
+            return []
+        adapted = self.adapted_blocks(num_layers)
+        if self.n_anchors > len(adapted):
+            raise ConfigError(
+                f"adapter.n_anchors={self.n_anchors} exceeds the {len(adapted)} adapted blocks"
+            )
+        return [adapted[i] for i in anchor_layers(len(adapted), self.n_anchors)]
+
+
+def _parse_blocks(blocks: str | tuple[int, ...], num_layers: int | None) -> list[int]:
+    if blocks == "all":
+        return list(range(num_layers or 0))
+    if isinstance(blocks, str) and blocks.startswith("from:") and blocks[5:].isdigit():
+        start = int(blocks[5:])
+        if num_layers is not None and start >= num_layers:
+            raise ConfigError(f"adapter.blocks={blocks!r}: the backbone has {num_layers} blocks")
+        return list(range(start, num_layers or 0))
+    if isinstance(blocks, (tuple, list)) and blocks and all(isinstance(b, int) for b in blocks):
+        chosen = sorted(set(blocks))
+        if chosen[0] < 0 or (num_layers is not None and chosen[-1] >= num_layers):
+            raise ConfigError(
+                f"adapter.blocks={blocks!r}: indices must be in 0..{(num_layers or 1) - 1}"
+            )
+        return chosen
+    raise ConfigError(f"adapter.blocks={blocks!r}: use 'all', 'from:N' or a list of block indices")
+
+
+class FedAdapterLayer(nn.Module):
+    """The adapter of one block: family D/U, per-branch C/q, and the mixing gate."""
+
+    def __init__(self, d_model: int, config: AdapterConfig, branches: tuple[str, ...]) -> None:
+        super().__init__()
+        r, n = config.rank, len(branches)
+        self.branches = branches
+        self.scale = config.scale
+        self.gate = config.gate
+        self.D = nn.Parameter(torch.empty(d_model, r))
+        self.b_D = nn.Parameter(torch.zeros(r))
+        self.U = nn.Parameter(
+            torch.zeros(r, d_model)
+        )  # zero: the adapted model starts as the backbone
+        self.b_U = nn.Parameter(torch.zeros(d_model))
+        self.C = nn.ParameterDict({b: nn.Parameter(torch.zeros(r, r)) for b in branches})
+        self.q = nn.ParameterDict({b: nn.Parameter(torch.zeros(r)) for b in branches})
+        if config.gate == "layer":
+            self.alpha_logits = nn.Parameter(torch.zeros(n))  # softmax -> uniform at init
+        else:
+            self.W_alpha = nn.Parameter(torch.zeros(r, n))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        # Kaiming as nn.Linear(d, r) would init its [r, d] weight; D is that weight transposed.
+        nn.init.kaiming_uniform_(self.D.T, a=math.sqrt(5))
+
+    def mixing_weights(self, x: Tensor) -> Tensor:
+        """alpha: [n] for the per-layer gate, [..., n] per token (softmax(z @ W_alpha))."""
+        if self.gate == "layer":
+            return torch.softmax(self.alpha_logits, dim=0)
+        # The token gate needs z before the fused op runs; computing it costs one extra
+        # skinny GEMM x @ D (the op recomputes z internally rather than storing it).
+        z = torch.nn.functional.gelu(x @ self.D.to(x.dtype) + self.b_D.to(x.dtype))
+        return torch.softmax(z @ self.W_alpha.to(x.dtype), dim=-1)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        x = self.dropout(x)
+        C = torch.stack([self.C[b] for b in self.branches])
+        q = torch.stack([self.q[b] for b in self.branches])
+        return kernels.fused_adapter(
+            x,
+            self.D,
+            self.b_D,
+            C,
+            q,
+            self.mixing_weights(x),
+            self.U,
+            self.b_U,
+            self.scale,
+            residual=residual,
+        )
+
+
+class BertOutputWithAdapter(nn.Module):
+    """Post-LN BERT block: LayerNorm(dropout(dense(h)) + delta(x) + x), x = attention output."""
+
+    def __init__(self, base: nn.Module, adapter: FedAdapterLayer) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        ffn_out = self.base.dropout(self.base.dense(hidden_states))
+        ffn_out = self.adapter(input_tensor, residual=ffn_out.to(input_tensor.dtype))
+        return self.base.LayerNorm(ffn_out + input_tensor)
+
+
+class MlpWithAdapter(nn.Module):
+    """Pre-LN block (ViT, GPT-2, Llama): mlp(x) + delta(x), before the residual add."""
+
+    def __init__(self, base: nn.Module, adapter: FedAdapterLayer) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        mlp_out = self.base(x, *args, **kwargs)
+        return self.adapter(x, residual=mlp_out.to(x.dtype))
+
+
+_WRAPPERS = {"bert_output": BertOutputWithAdapter, "mlp": MlpWithAdapter}
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
+
+
+def apply_fedadapter(
+    model: nn.Module, spec: BackboneSpec, config: AdapterConfig, head: nn.Module | None = None
+) -> AdapterHandle:
+    """Inject one FedAdapterLayer per adapted block; freeze the backbone; return the handle.
+
+    `head` (e.g. the classifier of a task model) stays trainable and is named `family.head.*`.
+    """
+    if spec.ffn_style not in _WRAPPERS:
+        raise ConfigError(
+            f"{spec.name}: FedAdapter needs a transformer backbone; "
+            f"{spec.architecture} has no feed-forward sub-layers"
+        )
+    blocks = config.adapted_blocks(spec.num_layers)
+    anchors = config.anchor_blocks(spec.num_layers)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    originals: dict[str, nn.Module] = {}
+    layers: dict[int, FedAdapterLayer] = {}
+    device = next(model.parameters()).device
+    for block in blocks:
+        path = spec.ffn_paths[block]
+        base = model.get_submodule(path)
+        if isinstance(base, tuple(_WRAPPERS.values())):
+            raise ConfigError(f"{path} already carries an adapter; remove it first")
+        branches = tuple(b for b in config.branches if b != "global" or block in anchors)
+        layers[block] = FedAdapterLayer(spec.hidden_size, config, branches).to(device)
+        originals[path] = base
+        _set_submodule(model, path, _WRAPPERS[spec.ffn_style](base, layers[block]))
+    return AdapterHandle(model, spec, config, layers, anchors, originals, head)

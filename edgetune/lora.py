@@ -1,0 +1,114 @@
+"""LoRA in the same framework as the FedAdapter, for the baselines (FedAvg-LoRA, HetLoRA, ...).
+
+`out = base(x) + (dropout(x) @ A^T @ B^T) * alpha / rank`, with A Kaiming-uniform and B = 0 at
+init: numerically the computation of PEFT's `LoraConfig(r, lora_alpha, target_modules)`, so a
+model with the same A and B gives the same outputs. Tensors travel as `lora.<module>.A`
+([rank, d_in]) and `lora.<module>.B` ([d_out, rank]).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from edgetune.adapter_handle import AdapterHandle
+from edgetune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("query", "value")
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.rank, bool)
+            or not isinstance(self.rank, int)
+            or not 1 <= self.rank <= 512
+        ):
+            raise ConfigError(f"lora.rank={self.rank!r}: must be an integer in 1..512")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.alpha!r}: must be a positive number")
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ConfigError(f"lora.targets={self.targets!r}: a non-empty list of module names")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout!r}: must be in [0, 1)")
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, config: LoraConfig) -> None:
+        super().__init__()
+        self.base = base
+        self.scaling = config.alpha / config.rank
+        device = base.weight.device
+        self.A = nn.Parameter(torch.empty(config.rank, base.in_features, device=device))
+        self.B = nn.Parameter(torch.zeros(base.out_features, config.rank, device=device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        update = (self.dropout(x).to(self.A.dtype) @ self.A.T) @ self.B.T
+        return self.base(x) + (update * self.scaling).to(x.dtype)
+
+
+class LoraHandle(AdapterHandle):
+    """Adapter handle whose tensors are `lora.<module>.A|B` (group `lora`) plus the head."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec,
+        config: LoraConfig,
+        modules: dict[str, LoraLinear],
+        originals: dict[str, nn.Module],
+        head: nn.Module | None,
+    ) -> None:
+        self.lora_modules = modules
+        super().__init__(model, spec, config, {}, [], originals, head)
+
+    def _name_tensors(self) -> dict[str, nn.Parameter]:
+        named: dict[str, nn.Parameter] = {}
+        for path, module in self.lora_modules.items():
+            named[f"lora.{path}.A"], named[f"lora.{path}.B"] = module.A, module.B
+        if self.head is not None:
+            for leaf, param in self.head.named_parameters():
+                param.requires_grad_(True)
+                named[f"family.head.{leaf}"] = param
+        return named
+
+    def module_shapes(self) -> tuple[tuple[str, int, int], ...]:
+        """(module, d_in, d_out) per adapted module, as the wire spec lists them."""
+        return tuple(
+            (p, m.base.in_features, m.base.out_features) for p, m in self.lora_modules.items()
+        )
+
+
+def apply_lora(
+    model: nn.Module, spec, config: LoraConfig, head: nn.Module | None = None
+) -> LoraHandle:
+    """Wrap every linear layer whose last name component is in `config.targets`."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if name.rpartition(".")[2] in config.targets and hasattr(module, "in_features")
+    ]
+    if not targets:
+        raise ConfigError(f"lora.targets={config.targets!r} match no linear layer of {spec.name}")
+    modules: dict[str, LoraLinear] = {}
+    originals: dict[str, nn.Module] = {}
+    for path in targets:
+        base = model.get_submodule(path)
+        modules[path] = LoraLinear(base, config)
+        originals[path] = base
+        parent_path, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, leaf, modules[path])
+    return LoraHandle(model, spec, config, modules, originals, head)
