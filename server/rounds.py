@@ -17,7 +17,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -56,6 +57,11 @@ def _event(event: str, **fields: Any) -> None:
     log.info(event, extra={"event": event, "fields": fields})
 
 
+class _Events(threading.local):
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, dict[str, Any]]] = []
+
+
 class Coordinator:
     """Owns the storage and the strategy; every public method is thread-safe."""
 
@@ -74,7 +80,21 @@ class Coordinator:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._events = _Events()
         self._open_first_round()
+
+    # -- transactions with logs emitted only after commit ----------------------------------
+    @contextmanager
+    def _txn(self) -> Iterator[Any]:
+        self._events.pending = []
+        with self.storage.transaction() as conn:
+            yield conn
+        pending, self._events.pending = self._events.pending, []
+        for event, fields in pending:
+            _event(event, **fields)
+
+    def _later(self, event: str, **fields: Any) -> None:
+        self._events.pending.append((event, fields))
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -98,7 +118,7 @@ class Coordinator:
                 log.exception("round step failed")
 
     def _open_first_round(self) -> None:
-        with self._lock, self.storage.transaction() as c:
+        with self._lock, self._txn() as c:
             if c.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0:
                 self._insert_round(c, 1)
 
@@ -108,7 +128,7 @@ class Coordinator:
             "INSERT INTO rounds(round_id, state, opened_at, deadline) VALUES (?, 'open', ?, ?)",
             (round_id, t, t + self.config.round_timeout_s),
         )
-        _event("round_opened", round=round_id, deadline=t + self.config.round_timeout_s)
+        self._later("round_opened", round=round_id, deadline=t + self.config.round_timeout_s)
 
     # -- auth ------------------------------------------------------------------------------
     def check_join_token(self, token: str) -> None:
@@ -138,7 +158,7 @@ class Coordinator:
         except ProtocolError as exc:
             raise ApiError(422, exc.code, exc.message) from exc
         client_id, token = f"c-{secrets.token_hex(8)}", secrets.token_urlsafe(32)
-        with self._lock, self.storage.transaction() as c:
+        with self._lock, self._txn() as c:
             pinned_json = self.storage.family_spec(spec.family)
             pinned = AdapterSpec.from_json(pinned_json) if pinned_json else None
             reason = self.strategy.check_spec(spec, pinned)
@@ -186,7 +206,7 @@ class Coordinator:
             (spec.family, spec.to_json(), spec.family_key(), time.time()),
         )
         self._put_model(conn, family_model(spec.family), 0, fam, spec=spec)
-        _event("family_pinned", family=spec.family, spec_hash=spec.spec_hash)
+        self._later("family_pinned", family=spec.family, spec_hash=spec.spec_hash)
 
     def _encode_model(
         self, name: str, version: int, tensors: TensorDict, spec: AdapterSpec | None
@@ -279,7 +299,7 @@ class Coordinator:
             allowed_dtypes=self.config.allowed_dtypes,
         )
         self.storage.blobs.put(body, digest)
-        with self._lock, self.storage.transaction() as c:
+        with self._lock, self._txn() as c:
             self._check_duplicate(client, round_id, digest)
             rec = self.current_round()
             if round_id != rec.round_id or rec.state not in ACCEPTING:
@@ -346,20 +366,20 @@ class Coordinator:
         if not reached and n < self.config.min_clients_at_deadline:
             self._deadline_short(rec, n, now)
             return False
-        with self.storage.transaction() as c:
+        with self._txn() as c:
             c.execute("UPDATE rounds SET state='aggregating' WHERE round_id=?", (rec.round_id,))
         _event("round_aggregating", round=rec.round_id, updates=n, quorum=reached)
         return True
 
     def _deadline_short(self, rec: RoundRecord, n: int, now: float) -> None:
         cfg = self.config
-        with self.storage.transaction() as c:
+        with self._txn() as c:
             if cfg.on_deadline == "extend" and rec.extensions < cfg.max_extensions:
                 c.execute(
                     "UPDATE rounds SET deadline=?, extensions=extensions+1 WHERE round_id=?",
                     (now + cfg.round_timeout_s, rec.round_id),
                 )
-                _event(
+                self._later(
                     "round_extended", round=rec.round_id, updates=n, extension=rec.extensions + 1
                 )
                 return
@@ -368,14 +388,14 @@ class Coordinator:
                 "UPDATE rounds SET state='abandoned', closed_at=?, summary_json=? WHERE round_id=?",
                 (now, summary, rec.round_id),
             )
-            _event("round_abandoned", round=rec.round_id, updates=n)
+            self._later("round_abandoned", round=rec.round_id, updates=n)
             self._maybe_open_next(c, rec.round_id)
 
     def _maybe_open_next(self, conn: Any, round_id: int) -> None:
         if self.config.max_rounds == 0 or round_id < self.config.max_rounds:
             self._insert_round(conn, round_id + 1)
         else:
-            _event("training_finished", rounds=round_id)
+            self._later("training_finished", rounds=round_id)
 
     def load_state(self) -> dict[str, TensorDict]:
         """Latest stored model entries as tensors (global and every family)."""
@@ -421,7 +441,7 @@ class Coordinator:
         skipped = failed + result.skipped
         summary = {**result.summary, "updates": len(records), "skipped": skipped}
         summary["seconds"] = round(time.perf_counter() - t0, 4)
-        with self._lock, self.storage.transaction() as c:
+        with self._lock, self._txn() as c:
             for name, (digest, size) in blobs.items():
                 c.execute(
                     "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?)",
@@ -432,8 +452,8 @@ class Coordinator:
                 "UPDATE rounds SET state='closed', closed_at=?, summary_json=? WHERE round_id=?",
                 (time.time(), json.dumps(summary), round_id),
             )
+            self._later("round_closed", round=round_id, **summary)
             self._maybe_open_next(c, round_id)
-        _event("round_closed", round=round_id, **summary)
 
     def _specs_of(self, records: Sequence[UpdateRecord]) -> dict[str, AdapterSpec]:
         ids = sorted({r.client_id for r in records})

@@ -77,7 +77,9 @@ class Strategy(ABC):
         if spec.kind != self.kind:
             return f"strategy {self.name} needs kind={self.kind!r}, spec has {spec.kind!r}"
         if pinned is not None and pinned.family_key() != spec.family_key():
-            return f"spec differs from the spec pinned for family {spec.family!r}"
+            a, b = pinned.to_dict(), spec.to_dict()
+            diff = [f"{k} ({a[k]!r} -> {b[k]!r})" for k in sorted(a) if a[k] != b[k]]
+            return f"spec differs from the spec pinned for family {spec.family!r} in: {', '.join(diff)}"
         if pinned is not None and spec.rank > pinned.rank:
             return f"rank {spec.rank} exceeds the family's pinned rank {pinned.rank}"
         return None

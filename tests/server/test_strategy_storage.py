@@ -1,0 +1,74 @@
+"""Strategies skip bad replies without crashing; storage writes atomically and transactionally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from edgetune.server.aggregation import ClientUpdate
+from edgetune.server.storage import BlobStore, Storage
+from edgetune.server.strategy import GLOBAL, family_model, make_strategy
+
+from edgetune.protocol import initial_tensors
+
+from .conftest import random_update, small_spec
+
+
+def _state(spec):  # type: ignore[no-untyped-def]
+    g, f = initial_tensors(spec, 0)
+    return {GLOBAL: g, family_model(spec.family): f}
+
+
+def test_fedadapter_strategy_skips_bad_replies() -> None:
+    spec = small_spec()
+    strat = make_strategy("fedadapter", beta=1.0, eta=1.0)
+    good = ClientUpdate("c1", spec.family, 4, random_update(spec, 1))
+    nan = random_update(spec, 2)
+    nan["family.layer0.D"][0, 0] = float("nan")
+    missing = random_update(spec, 3)
+    missing.pop("global.anchor1.C")
+    bad = [ClientUpdate("c2", spec.family, 4, nan), ClientUpdate("c3", spec.family, 4, missing)]
+    specs = {"c1": spec, "c2": spec, "c3": spec}
+    res = strat.aggregate_round(1, _state(spec), [good, *bad], specs)
+    assert [s[0] for s in res.skipped] == ["c2", "c3"]
+    assert res.summary["aggregated"] == 1
+    torch.testing.assert_close(
+        res.models[GLOBAL]["global.anchor1.C"], good.tensors["global.anchor1.C"]
+    )
+    none = strat.aggregate_round(1, _state(spec), bad, specs)
+    assert none.models == {} and none.summary["aggregated"] == 0
+
+
+def test_strategy_configure_round_and_spec_checks() -> None:
+    spec = small_spec()
+    fa = make_strategy("fedadapter")
+    assert fa.configure_round(1)["fetch"] == ["global", "family"]
+    assert fa.check_spec(spec, None) is None
+    assert "rank" in (fa.check_spec(small_spec(rank=2), spec) or "")
+    assert "kind" in (make_strategy("hetlora").check_spec(spec, None) or "")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make_strategy("scaffold")
+
+
+def test_blob_store_atomic_and_idempotent(tmp_path: Path) -> None:
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "deadbeef.1.2.tmp").write_bytes(b"half")  # left by a crash
+    store = BlobStore(tmp_path / "blobs")
+    assert not list((tmp_path / "blobs").glob("*.tmp"))
+    d1 = store.put(b"hello")
+    assert store.put(b"hello") == d1 and store.get(d1) == b"hello"
+    assert len(list((tmp_path / "blobs").iterdir())) == 1
+
+
+def test_transaction_rolls_back(tmp_path: Path) -> None:
+    st = Storage(tmp_path / "s")
+    with pytest.raises(RuntimeError), st.transaction() as c:
+        c.execute("INSERT INTO counters VALUES ('x', 1)")
+        raise RuntimeError("boom")
+    assert st.counter("x") == 0
+    st.add_counter("x", 3)
+    st.close()
+    again = Storage(tmp_path / "s")
+    assert again.counter("x") == 3
+    again.close()
