@@ -110,6 +110,7 @@ class FedAdapterLayer(nn.Module):
     """The adapter of one block: family D/U, per-branch C/q, and the mixing gate."""
 
     def __init__(self, d_model: int, config: AdapterConfig, branches: tuple[str, ...]) -> None:
+        """Parameters are created on CPU in fp32 from the current RNG state."""
         super().__init__()
         r, n = config.rank, len(branches)
         self.branches = branches
@@ -195,11 +196,16 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def apply_fedadapter(
-    model: nn.Module, spec: BackboneSpec, config: AdapterConfig, head: nn.Module | None = None
+    model: nn.Module,
+    spec: BackboneSpec,
+    config: AdapterConfig,
+    head: nn.Module | None = None,
+    seed: int | None = None,
 ) -> AdapterHandle:
     """Inject one FedAdapterLayer per adapted block; freeze the backbone; return the handle.
 
     `head` (e.g. the classifier of a task model) stays trainable and is named `family.head.*`.
+    `seed` fixes the initialisation (default: derived from the backbone fingerprint).
     """
     if spec.ffn_style not in _WRAPPERS:
         raise ConfigError(
@@ -213,13 +219,18 @@ def apply_fedadapter(
     originals: dict[str, nn.Module] = {}
     layers: dict[int, FedAdapterLayer] = {}
     device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        # Every client of a family starts from the same D (FedAvg of differently drawn random
+        # projections would average towards zero): the seed derives from the fingerprint.
+        torch.manual_seed(int(spec.fingerprint[:8], 16) if seed is None else seed)
+        for block in blocks:
+            branches = tuple(b for b in config.branches if b != "global" or block in anchors)
+            layers[block] = FedAdapterLayer(spec.hidden_size, config, branches).to(device)
     for block in blocks:
         path = spec.ffn_paths[block]
         base = model.get_submodule(path)
         if isinstance(base, tuple(_WRAPPERS.values())):
             raise ConfigError(f"{path} already carries an adapter; remove it first")
-        branches = tuple(b for b in config.branches if b != "global" or block in anchors)
-        layers[block] = FedAdapterLayer(spec.hidden_size, config, branches).to(device)
         originals[path] = base
         _set_submodule(model, path, _WRAPPERS[spec.ffn_style](base, layers[block]))
     return AdapterHandle(model, spec, config, layers, anchors, originals, head)

@@ -103,12 +103,12 @@ def apply_lora(
     ]
     if not targets:
         raise ConfigError(f"lora.targets={config.targets!r} match no linear layer of {spec.name}")
-    modules: dict[str, LoraLinear] = {}
     originals: dict[str, nn.Module] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(spec.fingerprint[:8], 16))  # same A for every client of a family
+        modules = {path: LoraLinear(model.get_submodule(path), config) for path in targets}
     for path in targets:
-        base = model.get_submodule(path)
-        modules[path] = LoraLinear(base, config)
-        originals[path] = base
+        originals[path] = modules[path].base
         parent_path, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, leaf, modules[path])
     return LoraHandle(model, spec, config, modules, originals, head)

@@ -229,3 +229,14 @@ def test_adapters_refuse_a_cnn():
     backbone = load_backbone("mobilenet-v2")
     with pytest.raises(ConfigError, match="transformer backbone"):
         apply_fedadapter(backbone.model, backbone.spec, AdapterConfig())
+
+
+def test_clients_of_one_family_start_identical():
+    config = AdapterConfig(rank=4)
+    first, second = load_backbone("tiny-bert-d32-l2"), load_backbone("tiny-bert-d32-l2")
+    torch.manual_seed(1)
+    a = apply_fedadapter(first.model, first.spec, config).state_dict_for("family")
+    torch.manual_seed(2)  # the global RNG state must not matter
+    b = apply_fedadapter(second.model, second.spec, config).state_dict_for("family")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert a["family.layer0.D"].abs().sum() > 0
