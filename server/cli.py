@@ -114,6 +114,11 @@ def serve(
     from .rounds import Coordinator
     from .storage import Storage
 
+    if config.torch_threads:
+        # aggregation is memory-bound; one thread avoids OpenMP stalls when the cores are shared
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
     warning = tls_warning(config, certfile is not None)
     if warning:
         log.warning(warning, extra={"event": "insecure_listener"})

@@ -47,6 +47,7 @@ class ServerConfig:
     tick_s: float = 0.25
     sqlite_synchronous: str = "FULL"
     fsync_blobs: bool = True
+    torch_threads: int = 1  # intra-op threads for aggregation; 0 = torch's default
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -86,6 +87,7 @@ class ServerConfig:
             str(SYNC_MODES),
         )
         _require(bool(self.host), "host", self.host, "non-empty")
+        _require(0 <= self.torch_threads <= 256, "torch_threads", self.torch_threads, "in 0..256")
 
     @property
     def is_loopback(self) -> bool:

@@ -142,6 +142,8 @@ class Storage:
         self.db_path = self.state_dir / "server.sqlite3"
         self.blobs = BlobStore(self.state_dir / "blobs", fsync=fsync_blobs)
         self._lock = threading.RLock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
         self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -165,7 +167,23 @@ class Storage:
 
     def close(self) -> None:
         with self._lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
             self._conn.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection: WAL readers never wait for the writer's fsync."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._local.conn = conn
+            with self._lock:
+                self._readers.append(conn)
+        return conn
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -180,8 +198,8 @@ class Storage:
             self._conn.execute("COMMIT")
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+        """Read committed state (a transaction's own uncommitted writes are not visible)."""
+        return self._reader().execute(sql, params).fetchall()
 
     # -- meta ----------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -228,26 +246,31 @@ class Storage:
     def rounds(self) -> list[RoundRecord]:
         return [self._round(r) for r in self.query("SELECT * FROM rounds ORDER BY round_id")]
 
+    @staticmethod
+    def _update(r: sqlite3.Row) -> UpdateRecord:
+        return UpdateRecord(
+            r["round_id"],
+            r["client_id"],
+            r["family"],
+            r["tier"],
+            r["num_samples"],
+            r["sha256"],
+            r["nbytes"],
+            json.loads(r["metrics_json"]),
+        )
+
     def updates(self, round_id: int) -> list[UpdateRecord]:
+        """A round's updates ordered by content hash (independent of arrival and client ids)."""
         rows = self.query(
             "SELECT * FROM updates WHERE round_id=? ORDER BY sha256, client_id", (round_id,)
         )
-        return [
-            UpdateRecord(
-                r["round_id"],
-                r["client_id"],
-                r["family"],
-                r["tier"],
-                r["num_samples"],
-                r["sha256"],
-                r["nbytes"],
-                json.loads(r["metrics_json"]),
-            )
-            for r in rows
-        ]
+        return [self._update(r) for r in rows]
 
     def update_of(self, round_id: int, client_id: str) -> UpdateRecord | None:
-        return next((u for u in self.updates(round_id) if u.client_id == client_id), None)
+        rows = self.query(
+            "SELECT * FROM updates WHERE round_id=? AND client_id=?", (round_id, client_id)
+        )
+        return self._update(rows[0]) if rows else None
 
     def count_updates(self, round_id: int) -> int:
         return int(

@@ -10,7 +10,6 @@ import torch
 
 from edgetune.protocol import (
     DTYPE_NAMES,
-    FLOAT_DTYPES,
     GROUP_PRIVATE,
     AdapterSpec,
     ProtocolError,
@@ -130,7 +129,7 @@ def validate_update(
     max_samples: int,
     allowed_dtypes: tuple[str, ...],
 ) -> ValidatedUpdate:
-    """Parse and check an upload completely; tensors come back as float32."""
+    """Parse and check an upload completely; tensors come back as uploaded."""
     try:
         metadata, entries = parse_header(body)
         meta = UpdateMeta.from_metadata(metadata)
@@ -143,8 +142,7 @@ def validate_update(
     except ProtocolError as exc:
         raise from_protocol_error(exc) from exc
     check_finite(tensors)
-    target = FLOAT_DTYPES[DTYPE_NAMES[spec.dtype]][0]
-    return ValidatedUpdate(meta, {k: v.to(target) for k, v in tensors.items()})
+    return ValidatedUpdate(meta, tensors)
 
 
 def _entry_view(entries: Mapping[str, TensorEntry]) -> dict[str, tuple[str, tuple[int, ...]]]:
