@@ -33,10 +33,10 @@ _logged: set[tuple[str, str]] = set()
 def _triton_module():  # noqa: ANN202 - returns the module or None
     """The Triton implementation module, or None when triton is not installed."""
     try:
-        from . import fused_adapter
+        from . import triton_path
     except ImportError:  # the `triton` extra is optional; auto-dispatch logs it, forcing raises
         return None
-    return fused_adapter
+    return triton_path
 
 
 def triton_can_run(device: torch.device) -> bool:

@@ -99,9 +99,9 @@ def _mix_tile(z, C_ptr, q_ptr, alpha_ptr, rows, row_mask, rk, r_mask, R, n_branc
 @triton.jit
 def _fused_adapter_fwd_kernel(
     x_ptr, D_ptr, bD_ptr, C_ptr, q_ptr, alpha_ptr, U_ptr, bU_ptr, res_ptr, out_ptr,
-    T, K, R, N, n_branch, stride_at, scale,
+    T, K, R, N, n_branch, stride_at, scale, has_res,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-    HAS_RES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
@@ -121,7 +121,7 @@ def _fused_adapter_fwd_kernel(
         o = scale * (tl.dot(u_dot, ut.to(DOT_DTYPE), input_precision="ieee") + bu[None, :])
         offs = rows[:, None] * N + ns[None, :]
         omask = row_mask[:, None] & nm[None, :]
-        if HAS_RES:
+        if has_res:  # runtime flag: one compiled kernel serves both cases
             o += tl.load(res_ptr + offs, mask=omask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=omask)
 
@@ -157,8 +157,8 @@ def _mix_backward(z, du, C_ptr, q_ptr, alpha_ptr, pC_ptr, pq_ptr, dalpha_ptr, ro
     dz = du
     cmask = r_mask[:, None] & r_mask[None, :]
     for b in range(0, n_branch):
-        yb, cb, ab = _branch(z_dot, C_ptr, q_ptr, alpha_ptr, b, rows, row_mask, rk, r_mask, R,
-                             stride_at, DOT_DTYPE)
+        yb, _, ab = _branch(z_dot, C_ptr, q_ptr, alpha_ptr, b, rows, row_mask, rk, r_mask, R,
+                            stride_at, DOT_DTYPE)
         tl.store(dalpha_ptr + rows * n_branch + b, tl.sum(du * yb, axis=1), mask=row_mask)
         adu = ab[:, None] * du
         adu_dot = adu.to(DOT_DTYPE)
@@ -168,20 +168,23 @@ def _mix_backward(z, du, C_ptr, q_ptr, alpha_ptr, pC_ptr, pq_ptr, dalpha_ptr, ro
         tl.store(c_offs, pc, mask=cmask)
         pq = tl.load(pq_ptr + b * R + rk, mask=r_mask, other=0.0)
         tl.store(pq_ptr + b * R + rk, pq + tl.sum(adu, axis=0), mask=r_mask)
-        dz = tl.dot(adu_dot, tl.trans(cb), dz, input_precision="ieee")
+        # C_b^T straight from memory (not tl.trans of the tile above): the r x r staging buffer
+        # of C_b is dead by now and its shared memory is reused (fp32 r=128: 64 KB each)
+        cbt = tl.load(C_ptr + b * R * R + rk[None, :] * R + rk[:, None], mask=cmask, other=0.0)
+        dz = tl.dot(adu_dot, cbt.to(DOT_DTYPE), dz, input_precision="ieee")
     return dz
 
 
 @triton.jit
-def _input_backward(dh, x_ptr, D_ptr, dx_ptr, pD_ptr, rows, row_mask, rk, r_mask, K, R,
-                    BLOCK_K: tl.constexpr, NEED_DX: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _input_backward(dh, x_ptr, D_ptr, dx_ptr, pD_ptr, rows, row_mask, rk, r_mask, K, R, need_dx,
+                    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """K-loop: dx = dh D^T (stored) and this program's dD partial slot += x^T dh."""
     dh_dot = dh.to(DOT_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         km = ks < K
         dmask = km[:, None] & r_mask[None, :]
-        if NEED_DX:
+        if need_dx:  # runtime flag (x may not need a gradient: lowest adapter)
             dt = tl.load(D_ptr + ks[:, None] * R + rk[None, :], mask=dmask, other=0.0)
             dx = tl.dot(dh_dot, tl.trans(dt.to(DOT_DTYPE)), input_precision="ieee")
             xmask = row_mask[:, None] & km[None, :]
@@ -199,9 +202,9 @@ def _input_backward(dh, x_ptr, D_ptr, dx_ptr, pD_ptr, rows, row_mask, rk, r_mask
 def _fused_adapter_bwd_kernel(
     x_ptr, D_ptr, bD_ptr, C_ptr, q_ptr, alpha_ptr, U_ptr, g_ptr,
     dx_ptr, pD_ptr, pbD_ptr, pC_ptr, pq_ptr, pU_ptr, pbU_ptr, dalpha_ptr,
-    T, K, R, N, n_branch, stride_at, scale,
+    T, K, R, N, n_branch, stride_at, scale, need_dx,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-    NEED_DX: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -231,7 +234,7 @@ def _fused_adapter_bwd_kernel(
         pbd = tl.load(pbD_ptr + rk, mask=r_mask, other=0.0)
         tl.store(pbD_ptr + rk, pbd + tl.sum(dh, axis=0), mask=r_mask)
         _input_backward(dh, x_ptr, D_ptr, dx_ptr, pD_ptr, rows, row_mask, rk, r_mask, K, R,
-                        BLOCK_K, NEED_DX, DOT_DTYPE)
+                        need_dx, BLOCK_K, DOT_DTYPE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,10 +274,14 @@ def fwd_config(r: int) -> KernelConfig:
 
 
 def bwd_config(r: int) -> KernelConfig:
-    """Backward tiling: five live [BLOCK_T, R_PAD] fp32 tiles (h, z, u, du, dz), so 32 rows."""
+    """Backward tiling: five live [BLOCK_T, R_PAD] fp32 tiles (h, z, u, du, dz), so 32 rows.
+
+    num_stages=1: software pipelining would double every staged operand, and fp32 at R_PAD=128
+    then needs 192 KB of shared memory (> sm_89's 99 KB per block); unpipelined it is 96 KB.
+    """
     rp = rank_bucket(r)
     return KernelConfig(block_t=32, block_k=32, block_n=32, r_pad=rp,
-                        num_warps=4 if rp <= 64 else 8)
+                        num_warps=4 if rp <= 64 else 8, num_stages=1)
 
 
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -320,13 +327,13 @@ def triton_forward(x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, q: Tensor, alph
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    res = out if residual is None else residual.contiguous()  # dummy pointer when HAS_RES=False
+    res = out if residual is None else residual.contiguous()  # dummy pointer, never read when has_res=0
     cfg = fwd_config(R)
     _fused_adapter_fwd_kernel[(triton.cdiv(T, cfg.block_t),)](
         x, D, b_D, C, q, alpha, U, b_U, res, out,
-        T, K, R, N, n, 0 if alpha.dim() == 1 else n, float(scale),
+        T, K, R, N, n, 0 if alpha.dim() == 1 else n, float(scale), int(residual is not None),
         BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
-        HAS_RES=residual is not None, DOT_DTYPE=dot_dtype(x.dtype),
+        DOT_DTYPE=dot_dtype(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -356,9 +363,9 @@ def triton_backward(grad: Tensor, x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, 
     if T > 0:
         _fused_adapter_bwd_kernel[(P,)](
             x, D, b_D, C, q, alpha, U, g, x if dx is None else dx, *parts, dalpha,
-            T, K, R, N, n, 0 if alpha.dim() == 1 else n, float(scale),
+            T, K, R, N, n, 0 if alpha.dim() == 1 else n, float(scale), int(need_dx),
             BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
-            NEED_DX=need_dx, DOT_DTYPE=dot_dtype(x.dtype),
+            DOT_DTYPE=dot_dtype(x.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     dD, db_D, dC, dq, dU, db_U = (p.sum(0).to(x.dtype) for p in parts)
