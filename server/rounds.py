@@ -82,6 +82,9 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self._events = _Events()
         self._open_first_round()
+        removed = storage.collect_garbage()
+        if removed:
+            _event("orphan_blobs_removed", count=removed)
 
     # -- transactions with logs emitted only after commit ----------------------------------
     @contextmanager
@@ -497,7 +500,7 @@ class Coordinator:
         version, digest = latest
         data = self.storage.blobs.get(digest)
         spec = AdapterSpec.from_json(client.spec_json)
-        if name != GLOBAL:
+        if name != GLOBAL and self.strategy.per_client_views:
             tensors = decode_payload(data).tensors
             view = self.strategy.download_view(tensors, spec)
             if view is not tensors:

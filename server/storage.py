@@ -201,6 +201,23 @@ class Storage:
         """Read committed state (a transaction's own uncommitted writes are not visible)."""
         return self._reader().execute(sql, params).fetchall()
 
+    def collect_garbage(self) -> int:
+        """Delete blob files no record references (start-up only: a blob written just before
+        a crash whose transaction never committed, or a rejected race). Returns the count."""
+        with self._lock:
+            used = {
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT sha256 FROM updates UNION SELECT sha256 FROM models"
+                )
+            }
+            removed = 0
+            for path in self.blobs.root.glob("*.safetensors"):
+                if path.name.split(".", 1)[0] not in used:
+                    path.unlink()
+                    removed += 1
+            return removed
+
     # -- meta ----------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
         rows = self.query("SELECT value FROM meta WHERE key=?", (key,))

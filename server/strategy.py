@@ -66,6 +66,7 @@ class Strategy(ABC):
     name: ClassVar[str]
     kind: ClassVar[str]
     uses_global: ClassVar[bool] = False
+    per_client_views: ClassVar[bool] = False  # True when download_view depends on the client
 
     def configure_round(self, round_id: int) -> dict[str, Any]:
         """Instructions sent to every client with the round (JSON-serializable)."""
@@ -186,6 +187,7 @@ class FedAvgStrategy(_PerFamily):
 
 class HetLoRAStrategy(_PerFamily):
     name = "hetlora"
+    per_client_views = True
 
     def aggregate_family(self, updates: Sequence[ClientUpdate]) -> TensorDict:
         return agg.hetlora(updates)

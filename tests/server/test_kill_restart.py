@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -163,3 +165,45 @@ def test_sigkill_after_two_of_three_uploads_then_restart(tmp_path: Path) -> None
         for k in after_kill[name]:
             assert torch.equal(after_kill[name][k], uninterrupted[name][k]), (name, k)
     assert any(float(v.abs().sum()) > 0 for v in after_kill["global"].values())
+
+
+@pytest.mark.timeout(120)
+def test_tls_with_certfile_and_keyfile(tmp_path: Path) -> None:
+    """`--certfile/--keyfile` serve HTTPS (self-signed cert made with the openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    port = free_port()
+    env = {**os.environ, "EDGETUNE_JOIN_TOKEN": JOIN_TOKEN}
+    args = [
+        sys.executable,
+        "-m",
+        "edgetune.server",
+        "--state",
+        str(tmp_path / "s"),
+        "--port",
+        str(port),
+    ]
+    args += ["--certfile", str(cert), "--keyfile", str(key)]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ctx = ssl.create_default_context(cafile=str(cert))
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline
+            try:
+                r = httpx.get(f"https://127.0.0.1:{port}/v1/health", verify=ctx, timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert r.status_code == 200
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)

@@ -72,3 +72,22 @@ def test_transaction_rolls_back(tmp_path: Path) -> None:
     again = Storage(tmp_path / "s")
     assert again.counter("x") == 3
     again.close()
+
+
+def test_restart_removes_only_unreferenced_blobs(tmp_path: Path) -> None:
+    from edgetune.server.config import ServerConfig
+    from edgetune.server.rounds import Coordinator
+
+    from .conftest import JOIN_TOKEN
+
+    st = Storage(tmp_path / "s")
+    coord = Coordinator(ServerConfig(), st, JOIN_TOKEN)
+    coord.register(JOIN_TOKEN, small_spec().to_dict(), "fp32")
+    kept = sorted(p.name for p in st.blobs.root.iterdir())
+    orphan = st.blobs.put(b"written, then the server died before the commit")
+    st.close()
+    st = Storage(tmp_path / "s")
+    Coordinator(ServerConfig(), st, JOIN_TOKEN)
+    assert sorted(p.name for p in st.blobs.root.iterdir()) == kept
+    assert not st.blobs.path(orphan).exists()
+    st.close()
