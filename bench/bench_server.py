@@ -79,6 +79,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "git_commit": commit,
         "server_files_dirty": bool(dirty),
+        "loadavg_1m_at_start": os.getloadavg()[0],
     }
 
 
@@ -275,8 +276,8 @@ def main() -> None:
     result["round_close"] = bench_round_close(20 if args.quick else 200)
     print(f"round close: {result['round_close']}", flush=True)
     result["uploads"] = [
-        bench_uploads(n_clients=40 if args.quick else 400, workers=w, time_limit=60.0)
-        for w in (4, 8)
+        bench_uploads(n_clients=40 if args.quick else 1000, workers=w, time_limit=60.0)
+        for w in (4, 8, 16)
     ]
     print(f"uploads: {json.dumps(result['uploads'])}", flush=True)
     n_top = str(sizes[-1])
@@ -289,6 +290,7 @@ def main() -> None:
         "ratio_projection_vs_plain": agg_top
         / result["aggregation"][n_top]["pure_no_projection"]["min_s"],
     }
+    result["loadavg_1m_at_end"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["headline"], indent=2))
