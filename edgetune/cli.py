@@ -7,8 +7,11 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from edgetune.errors import EdgeTuneError
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
@@ -135,14 +138,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:
-    """Subcommands owned by other packages register themselves here."""
-    import importlib.util
+    """Subcommands owned by other modules register themselves here."""
+    from edgetune import client_cli
+    from edgetune.server import cli as server_cli
 
-    # TODO(issue 6): a hard import once server/cli.py has landed.
-    if importlib.util.find_spec("edgetune.server.cli") is not None:
-        from edgetune.server import cli as server_cli
+    server_cli.register_cli(sub)
+    client = sub.add_parser("client", help="run one federated client against a server")
+    client_cli.add_arguments(client)
+    client.set_defaults(func=client_cli.run_client)
 
-        server_cli.register_cli(sub)
+    simulate = sub.add_parser("simulate", help="a real server + N client processes, R rounds")
+    simulate.add_argument("--config", type=Path, help="TOML config (default: the embedded demo)")
+    simulate.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.lr=0.001",
+    )
+    simulate.add_argument("--strategy", help="shorthand for --set strategy=NAME")
+    simulate.add_argument("--out", type=Path, default=Path("runs/simulate"), help="output folder")
+    simulate.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from edgetune.config import load_sim_config
+    from edgetune.simulate import run_simulation
+
+    overrides = list(args.overrides) + ([f"strategy={args.strategy}"] if args.strategy else [])
+    config = load_sim_config(args.config or DEMO_CONFIG, overrides)
+    summary = run_simulation(config, args.out)
+    print(json.dumps({k: v for k, v in summary.items() if k != "clients"}, indent=1))
+    print(f"outputs in {args.out}/ (metrics.jsonl, summary.json, *.png)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,10 +52,30 @@ class LoraLinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(base.out_features, config.rank, device=device))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        # FLoRA folds each round's aggregated B @ A into a frozen dense delta; with a quantized
+        # base layer the weights cannot absorb it, so it lives beside them ([d_out, d_in]).
+        self.register_buffer("merged", None)
 
     def forward(self, x: Tensor) -> Tensor:
         update = (self.dropout(x).to(self.A.dtype) @ self.A.T) @ self.B.T
-        return self.base(x) + (update * self.scaling).to(x.dtype)
+        out = self.base(x) + (update * self.scaling).to(x.dtype)
+        if self.merged is not None:
+            out = out + (x.to(self.merged.dtype) @ self.merged.T).to(x.dtype)
+        return out
+
+    @torch.no_grad()
+    def merge(self, B: Tensor, A: Tensor) -> None:
+        """Add `scaling * B @ A` (stacked factors of any rank) to the frozen merged delta."""
+        delta = (B.to(self.A.dtype) @ A.to(self.A.dtype)) * self.scaling
+        self.merged = delta if self.merged is None else self.merged + delta
+
+    @torch.no_grad()
+    def reset(self, seed: int) -> None:
+        """Restart the trainable factors: A Kaiming-uniform from `seed`, B = 0."""
+        generator = torch.Generator().manual_seed(seed)
+        bound = 1.0 / math.sqrt(self.A.shape[1])  # kaiming_uniform_(a=sqrt(5)) on [r, d_in]
+        self.A.copy_(torch.rand(self.A.shape, generator=generator) * 2 * bound - bound)
+        self.B.zero_()
 
 
 class LoraHandle(AdapterHandle):

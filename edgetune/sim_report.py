@@ -1,0 +1,193 @@
+"""Outputs of a simulation: `metrics.jsonl` (a line per round), `summary.json`, PNG plots.
+
+Round r's line joins the evaluator's test accuracy of the version-r global model of each
+family with what the clients logged for round r (bytes as sent, personal accuracy on their
+held-out data after local training, estimated train FLOPs). Round 0 is the initial model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from edgetune.config import SimConfig
+
+log = logging.getLogger(__name__)
+MB = 1e6
+
+
+def _client_lines(out: Path) -> list[dict[str, Any]]:
+    lines = []
+    for path in sorted((out / "clients").glob("c*/rounds.jsonl")):
+        client = path.parent.name
+        for text in path.read_text().splitlines():
+            if text.strip():
+                lines.append({"client": client, **json.loads(text)})
+    return lines
+
+
+class RoundTable:
+    def __init__(self, out: Path, config: SimConfig) -> None:
+        self.out = out
+        self.config = config
+        self.global_acc: dict[int, dict[str, float]] = defaultdict(dict)
+        self.rows: list[dict[str, Any]] = []
+        self.printed_header = False
+
+    def record_versions(self, results: dict[str, dict[str, Any] | None]) -> None:
+        for family, result in results.items():
+            if result is not None:
+                self.global_acc[int(result["version"])][family] = float(result["acc"])
+        self._write()
+
+    def collect_local_rounds(self) -> None:
+        self._write()
+
+    def _build_rows(self) -> list[dict[str, Any]]:
+        by_round: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for line in _client_lines(self.out):
+            by_round[int(line["round"])].append(line)
+        rounds = sorted(set(self.global_acc) | set(by_round))
+        rows, cumulative = [], 0
+        for r in rounds:
+            lines = by_round.get(r, [])
+            up, down = sum(x["bytes_up"] for x in lines), sum(x["bytes_down"] for x in lines)
+            cumulative += up + down
+            personal = defaultdict(list)
+            for x in lines:
+                if "personal_acc" in x:
+                    personal[x["family"]].append(x["personal_acc"])
+            glob = self.global_acc.get(r, {})
+            rows.append(
+                {
+                    "round": r,
+                    "global_acc": glob,
+                    "global_acc_overall": mean(glob.values()) if glob else None,
+                    "personal_acc": {f: mean(v) for f, v in personal.items()},
+                    "personal_acc_overall": mean(a for v in personal.values() for a in v)
+                    if personal
+                    else None,
+                    "clients": len(lines),
+                    "bytes_up": up,
+                    "bytes_down": down,
+                    "cum_bytes": cumulative,
+                    "train_gflops_est": sum(x.get("train_gflops_est", 0.0) for x in lines),
+                    "train_seconds_max": max(
+                        (x.get("train_seconds", 0.0) for x in lines), default=0.0
+                    ),
+                }
+            )
+        return rows
+
+    def _write(self) -> None:
+        self.rows = self._build_rows()
+        text = "".join(json.dumps(row) + "\n" for row in self.rows)
+        (self.out / "metrics.jsonl").write_text(text)
+
+    def print_table(self) -> str:
+        families = sorted(
+            {f for row in self.rows for f in row["global_acc"]}
+            | {f for row in self.rows for f in row["personal_acc"]}
+        )
+        header = (
+            f"{'round':>5} "
+            + " ".join(f"{f[:14]:>14}" for f in families)
+            + f" {'overall':>8} {'personal':>8} {'MB up':>8} {'MB down':>8} {'GFLOP':>8}"
+        )
+        lines = [
+            "global-model test accuracy per family (personal = clients' held-out, after training)",
+            header,
+        ]
+        for row in self.rows:
+            accs = " ".join(f"{_pct(row['global_acc'].get(f)):>14}" for f in families)
+            lines.append(
+                f"{row['round']:>5} {accs} {_pct(row['global_acc_overall']):>8} "
+                f"{_pct(row['personal_acc_overall']):>8} {row['bytes_up'] / MB:>8.2f} "
+                f"{row['bytes_down'] / MB:>8.2f} {row['train_gflops_est']:>8.1f}"
+            )
+        table = "\n".join(lines)
+        print(table, flush=True)
+        return table
+
+    def finish(self, wall_s: float, client_results: list[dict[str, Any]]) -> dict[str, Any]:
+        self._write()
+        table = self.print_table()
+        summary = self._summary(wall_s, client_results)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (self.out / "table.txt").write_text(table + "\n")
+        return summary
+
+    def _summary(self, wall_s: float, client_results: list[dict[str, Any]]) -> dict[str, Any]:
+        first = next((r for r in self.rows if r["round"] == 0), None)
+        last = max(
+            (r for r in self.rows if r["global_acc"]), key=lambda r: r["round"], default=None
+        )
+        personal_test = defaultdict(list)
+        for line, result in zip(self._families_of_clients(), client_results):
+            if "personal_test_acc" in result:
+                personal_test[line].append(result["personal_test_acc"])
+        n_clients = max(1, self.config.num_clients)
+        total_up = sum(r["bytes_up"] for r in self.rows)
+        return {
+            "strategy": self.config.strategy,
+            "rounds": self.config.rounds,
+            "wall_time_s": round(wall_s, 1),
+            "initial_global_acc": first["global_acc"] if first else {},
+            "final_round": last["round"] if last else None,
+            "final_global_acc": last["global_acc"] if last else {},
+            "final_personal_test_acc": {f: mean(v) for f, v in personal_test.items()},
+            "mb_up_total": total_up / MB,
+            "mb_down_total": sum(r["bytes_down"] for r in self.rows) / MB,
+            "mb_up_per_client_round": total_up / MB / n_clients / max(1, self.config.rounds),
+            "train_gflops_est_total": sum(r["train_gflops_est"] for r in self.rows),
+            "clients": client_results,
+        }
+
+    def _families_of_clients(self) -> list[str]:
+        families: dict[str, str] = {}
+        for line in _client_lines(self.out):
+            families[line["client"]] = line["family"]
+        return [families.get(f"c{i}", "?") for i in range(self.config.num_clients)]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def write_plots(out: Path) -> list[Path]:
+    """accuracy vs round, and cumulative MB vs accuracy, as PNG files in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    families = sorted({f for row in rows for f in row["global_acc"]})
+    paths = []
+    for name, xkey, xlabel in (
+        ("accuracy_vs_round.png", "round", "round"),
+        ("accuracy_vs_mb.png", "cum_bytes", "cumulative MB (up + down)"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for family in families:
+            points = [
+                (r[xkey] / (MB if xkey == "cum_bytes" else 1), r["global_acc"][family])
+                for r in rows
+                if family in r["global_acc"]
+            ]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=family)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("global-model test accuracy")
+        ax.grid(alpha=0.3)
+        if families:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths

@@ -1,0 +1,245 @@
+"""`edgetune simulate`: a real server and N real client processes on loopback, R rounds.
+
+The harness starts `python -m edgetune.server` on a free loopback port with a fresh state dir,
+spawns one `python -m edgetune.client` process per simulated client (each with one torch
+thread, so six clients share two cores fairly), and evaluates the server's models itself: after
+every aggregated version it downloads the global and family tensors (as an extra registered
+client of each family that never uploads) and measures test accuracy on the shared test split.
+Clients write one JSON line per round (bytes up/down, personal accuracy, FLOPs) into their
+folders; the harness merges them into `metrics.jsonl`, `summary.json` and two PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edgetune.config import SERVER_STRATEGY, SimConfig
+from edgetune.errors import EdgeTuneError
+from edgetune.sim_eval import FamilyEvaluator
+from edgetune.sim_report import RoundTable, write_plots
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def client_settings(config: SimConfig, out: Path, url: str, token: str) -> list[dict[str, Any]]:
+    """One JSON-ready settings dict per simulated client, in group order."""
+    settings, index = [], 0
+    kind = config.strategy
+    for group in config.groups:
+        for _ in range(group.count):
+            adapter = dataclasses.asdict(config.adapter)
+            lora = dataclasses.asdict(config.lora)
+            if group.rank:
+                adapter["rank"] = lora["rank"] = group.rank
+            settings.append(
+                {
+                    "server": url,
+                    "join_token": token,
+                    "backbone": group.backbone,
+                    "quant": group.quant,
+                    "tier": group.tier,
+                    "kind": kind,
+                    "state_dir": str(out / "clients" / f"c{index}"),
+                    "max_rounds": config.rounds,
+                    "adapter": adapter,
+                    "lora": lora,
+                    "train": {
+                        **dataclasses.asdict(config.train),
+                        "seed": config.seed * 1000 + index,
+                    },
+                    "shard": {
+                        "dataset": config.data.dataset,
+                        "categories": list(config.data.categories),
+                        "max_per_class": config.data.max_per_class,
+                        "index": index,
+                        "num_clients": config.num_clients,
+                        "alpha": config.data.alpha,
+                        "seed": config.seed,
+                        "test_fraction": config.data.test_fraction,
+                        "local_holdout": config.data.local_holdout,
+                    },
+                }
+            )
+            index += 1
+    return settings
+
+
+class Simulation:
+    """Owns the server and client processes of one run; `run()` returns the summary."""
+
+    def __init__(self, config: SimConfig, out: Path) -> None:
+        self.config = config
+        self.out = out
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = secrets.token_urlsafe(24)
+        self.server: subprocess.Popen | None = None
+        self.clients: list[subprocess.Popen] = []
+        self.started = time.perf_counter()
+
+    # -- processes -------------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        env = dict(
+            os.environ,
+            EDGETUNE_JOIN_TOKEN=self.token,
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
+        return env
+
+    def start_server(self) -> None:
+        server = self.config.server
+        min_clients = server.min_clients or self.config.num_clients
+        sets = {
+            "strategy": SERVER_STRATEGY[self.config.strategy],
+            "min_clients": min_clients,
+            "min_clients_at_deadline": 1,
+            "round_timeout_s": server.round_timeout_s,
+            "max_rounds": self.config.rounds,
+            "beta": server.beta,
+            "eta": server.eta,
+            "project_conflicts": str(server.project_conflicts).lower(),
+            "seed": self.config.seed,
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "edgetune.server",
+            "--state",
+            str(self.out / "server"),
+            "--port",
+            str(self.port),
+        ]
+        for key, value in sets.items():
+            cmd += ["--set", f"{key}={value}"]
+        log_file = (self.out / "server.log").open("ab")
+        self.server = subprocess.Popen(cmd, env=self._env(), stdout=log_file, stderr=log_file)
+        self._wait_healthy()
+
+    def _wait_healthy(self, timeout_s: float = 60.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.server is not None and self.server.poll() is not None:
+                raise EdgeTuneError(
+                    f"server exited with {self.server.returncode}; see {self.out / 'server.log'}"
+                )
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise EdgeTuneError(f"server did not answer /v1/health within {timeout_s:.0f}s")
+
+    def start_clients(self) -> None:
+        for settings in client_settings(self.config, self.out, self.url, self.token):
+            folder = Path(settings["state_dir"])
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "settings.json").write_text(json.dumps(settings, indent=1))
+            log_file = (folder / "client.log").open("ab")
+            cmd = [
+                sys.executable,
+                "-m",
+                "edgetune.client_cli",
+                "--settings",
+                str(folder / "settings.json"),
+                "--result",
+                str(folder / "result.json"),
+            ]
+            self.clients.append(
+                subprocess.Popen(cmd, env=self._env(), stdout=log_file, stderr=log_file)
+            )
+
+    def stop(self) -> None:
+        for proc in [*self.clients, self.server]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self.clients, self.server]:
+            if proc is not None:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
+        table = RoundTable(self.out, self.config)
+        try:
+            if self.config.strategy == "local":
+                return self._run_local(table)
+            self.start_server()
+            evaluators = FamilyEvaluator.for_config(self.config, self.url, self.token)
+            table.record_versions({name: ev.evaluate_latest() for name, ev in evaluators.items()})
+            self.start_clients()
+            self._follow(evaluators, table)
+        finally:
+            self.stop()
+        return table.finish(time.perf_counter() - self.started, self._client_results())
+
+    def _run_local(self, table: RoundTable) -> dict[str, Any]:
+        evaluators = FamilyEvaluator.for_config(self.config, None, None)
+        table.record_versions({name: ev.evaluate_initial() for name, ev in evaluators.items()})
+        self.start_clients()
+        self._wait_clients()
+        table.collect_local_rounds()
+        return table.finish(time.perf_counter() - self.started, self._client_results())
+
+    def _follow(self, evaluators: dict[str, FamilyEvaluator], table: RoundTable) -> None:
+        """Evaluate every new aggregate until the server has run all rounds."""
+        while True:
+            info = next(iter(evaluators.values())).current_round()
+            results = {name: ev.evaluate_latest() for name, ev in evaluators.items()}
+            table.record_versions(results)
+            if info["finished"]:
+                break
+            if all(p.poll() is not None for p in self.clients):
+                log.error("every client process has exited before the last round")
+                break
+            time.sleep(1.0)
+        self._wait_clients()
+        table.record_versions({name: ev.evaluate_latest() for name, ev in evaluators.items()})
+
+    def _wait_clients(self, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for proc in self.clients:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("client %d did not finish; terminating it", proc.pid)
+                proc.kill()
+
+    def _client_results(self) -> list[dict[str, Any]]:
+        results = []
+        for index, proc in enumerate(self.clients):
+            path = self.out / "clients" / f"c{index}" / "result.json"
+            result = json.loads(path.read_text()) if path.is_file() else {}
+            results.append({"client": index, "returncode": proc.returncode, **result})
+        return results
+
+
+def run_simulation(config: SimConfig, out: Path) -> dict[str, Any]:
+    summary = Simulation(config, out).run()
+    write_plots(out)
+    return summary
