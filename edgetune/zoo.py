@@ -75,6 +75,7 @@ class Backbone:
     tokenizer: object | None = None
     preprocess: ImagePreprocess | None = None
     extras: dict = field(default_factory=dict)
+    quant: str = "none"  # the tier's weight format in use: none | int8 | nf4 | fp4
 
 
 def cache_dir() -> Path:
@@ -318,11 +319,43 @@ ZOO: dict[str, tuple[str, Callable[..., Backbone]]] = {
 }
 
 
-def load_backbone(name_or_path: str, **options: object) -> Backbone:
+def load_backbone(
+    name_or_path: str,
+    *,
+    quant: str = "none",
+    compute_dtype: torch.dtype | str | None = None,
+    device: str = "cpu",
+    strict: bool = False,
+    **options: object,
+) -> Backbone:
     """Load a frozen backbone by zoo name or local Hugging Face folder.
 
     `options` are forwarded to the loader: `hidden_size`, `num_layers` for tiny configs.
+    `quant` ("none", "int8", "nf4", "fp4") quantizes the linear layers with bitsandbytes after
+    the spec fingerprinted the fp32 weights (one family across tiers); `compute_dtype` is the
+    4-bit matmul dtype (default float32); `device` where the model lives. A mode whose start-up
+    probe fails on `device` falls back nf4/fp4 -> int8 -> none with a warning, or raises
+    ZooError with `strict=True` (see `edgetune.quant`). `Backbone.quant` is the mode in use.
     """
+    from edgetune import quant as quantization
+
+    quantization.check_mode(quant)
+    quantization.compute_dtype_of(compute_dtype)
+    _check_device(device)
+    backbone = _load_unquantized(name_or_path, **options)
+    if quant == "none" and str(device) == "cpu":
+        return backbone
+    return quantization.apply_quant(backbone, quant, str(device), compute_dtype, strict)
+
+
+def _check_device(device: str) -> None:
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ZooError(f"device={device!r} is not a torch device: {err}") from err
+
+
+def _load_unquantized(name_or_path: str, **options: object) -> Backbone:
     with _quiet_transformers():
         if name_or_path in ZOO:
             return ZOO[name_or_path][1](name=name_or_path, **options)

@@ -1,0 +1,612 @@
+"""Quantized frozen backbones: bitsandbytes int8 / nf4 / fp4 linears, a start-up probe, memory.
+
+`quantize_backbone(backbone, mode)` swaps the *instances* of the backbone's `nn.Linear` layers
+(and GPT-2's `Conv1D`) for `bnb.nn.Linear8bitLt` / `bnb.nn.Linear4bit`; embeddings, norms,
+convolutions and heads (`lm_head`, `pooler`, `classifier`, ...) stay full precision. The spec's
+fingerprint is computed by the loader before this runs, so every tier of a backbone is one family.
+
+bitsandbytes can import and still fail at its first kernel (Jetson), so `resolve_quant` runs
+`probe_quant`: a tiny quantized matmul, forward and backward to the input, on the target device,
+checked against fp32. A failing mode falls back nf4 -> int8 -> none (fp4 -> int8 -> none) with
+one warning, or raises `ZooError` under `strict=True`. Probe results are cached per process.
+
+Memory: `weight_bytes` counts the resident bytes of a model per dtype (parameters, buffers and
+bitsandbytes quant state, shared storage once); `step_memory` measures the peak resident memory
+of one training step in a fresh interpreter, read from the kernel's per-process high-water mark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgetune.errors import ZooError
+
+log = logging.getLogger(__name__)
+
+QUANT_MODES = ("none", "int8", "nf4", "fp4")
+FALLBACK_ORDER: dict[str, tuple[str, ...]] = {
+    "nf4": ("nf4", "int8", "none"),
+    "fp4": ("fp4", "int8", "none"),
+    "int8": ("int8", "none"),
+    "none": ("none",),
+}
+# Submodules kept full precision although they hold linears: task heads and the BERT pooler.
+HEAD_NAMES = frozenset({"lm_head", "pooler", "classifier", "score", "head", "qa_outputs"})
+_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The probe must reproduce an fp32 matmul and its input gradient at least this well.
+PROBE_MIN_COSINE = 0.9
+_PROBE_CACHE: dict[tuple[str, str, torch.dtype], ProbeResult] = {}
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Outcome of one probe: `ok`, or the reason it failed (exception type and message)."""
+
+    mode: str
+    device: str
+    ok: bool
+    reason: str = ""
+    out_cosine: float = math.nan
+    grad_cosine: float = math.nan
+    seconds: float = 0.0
+
+
+def check_mode(mode: str) -> str:
+    if mode not in QUANT_MODES:
+        raise ZooError(f"quant={mode!r} is not a quantization mode; use one of {QUANT_MODES}")
+    return mode
+
+
+def compute_dtype_of(value: torch.dtype | str | None) -> torch.dtype:
+    """`None` -> float32; accepts a torch dtype or its name (float32, bfloat16, float16)."""
+    if value is None:
+        return torch.float32
+    if isinstance(value, torch.dtype) and value in _COMPUTE_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in _COMPUTE_DTYPES:
+        return _COMPUTE_DTYPES[value]
+    raise ZooError(f"compute_dtype={value!r} is not supported; use one of {list(_COMPUTE_DTYPES)}")
+
+
+@contextlib.contextmanager
+def _quiet_bnb_import() -> Iterator[None]:
+    """Mute bitsandbytes' import-time advice to `pip install kernels` (a hub fetcher we must not
+    install, DESIGN.md section 8); it only means the optional fused CPU gemv is not used."""
+    noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        noisy.setLevel(level)
+
+
+class _DropInt8CastNote(logging.Filter):
+    """bitsandbytes logs "inputs will be cast from float32 to float16" on *every* int8 matmul
+    with fp32 inputs: the expected behaviour of LLM.int8 (row-wise quantization from fp16),
+    so it is dropped; every other bitsandbytes record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast from" not in record.getMessage()
+
+
+def _mute_int8_cast_note() -> None:
+    noisy = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastNote) for f in noisy.filters):
+        noisy.addFilter(_DropInt8CastNote())
+
+
+def bnb_module():
+    """Import bitsandbytes, or raise ZooError saying what to install."""
+    with _quiet_bnb_import():
+        try:
+            import bitsandbytes
+        except ImportError as err:
+            raise ZooError(
+                f"quantized backbones need bitsandbytes: pip install bitsandbytes ({err})"
+            ) from err
+    return bitsandbytes
+
+
+# -- swapping linears ---------------------------------------------------------------------------
+
+
+def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[out, in] weight and bias of an nn.Linear or a transformers Conv1D ([in, out] weight)."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), module.bias
+    return module.weight.detach().t().contiguous(), module.bias
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """Paths of the linears `quantize_model` swaps: every nn.Linear / Conv1D outside heads."""
+    found = []
+    for path, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            continue
+        if HEAD_NAMES.intersection(path.split(".")):
+            continue
+        found.append(path)
+    return found
+
+
+def _bias_param(bias: torch.Tensor | None) -> nn.Parameter | None:
+    return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+
+def quantize_linear(
+    module: nn.Module, mode: str, device: str = "cpu", compute_dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A new frozen bitsandbytes layer holding `module`'s weights quantized on `device`."""
+    bnb = bnb_module()
+    weight, bias = _weight_and_bias(module)
+    out_features, in_features = weight.shape
+    if mode == "int8":
+        _mute_int8_cast_note()
+        layer = bnb.nn.Linear8bitLt(
+            in_features, out_features, bias=bias is not None, has_fp16_weights=False, device="meta"
+        )
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    elif mode in ("nf4", "fp4"):
+        layer = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=bias is not None,
+            compute_dtype=compute_dtype,
+            quant_type=mode,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=mode, module=layer)
+        # On AVX512-BF16 CPUs a no-grad eval forward repacks the weight in place for a fused
+        # bf16 gemv; a later forward with grad then fails (bitsandbytes 0.50.2). Keep the
+        # training layout: per instance, no class patching.
+        layer.support_avx512bf16_for_cpu = False
+    else:
+        raise ZooError(f"quantize_linear: mode={mode!r} must be one of int8, nf4, fp4")
+    layer.bias = _bias_param(bias)
+    return layer.to(device)  # bitsandbytes quantizes on .to(device)
+
+
+def quantize_model(
+    model: nn.Module, mode: str, device: str = "cpu", compute_dtype: torch.dtype = torch.float32
+) -> list[str]:
+    """Swap every quantizable linear of `model` in place; freeze it; return the swapped paths."""
+    paths = quantizable_linears(model)
+    for path in paths:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(
+            parent, leaf, quantize_linear(parent.get_submodule(leaf), mode, device, compute_dtype)
+        )
+    model.to(device)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return paths
+
+
+# -- probe and fallback -------------------------------------------------------------------------
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().flatten().cpu(), b.detach().double().flatten().cpu()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def _run_probe(mode: str, device: str, compute_dtype: torch.dtype) -> tuple[float, float]:
+    """Quantized [8,128] x [128,64] forward + input gradient vs fp32; returns both cosines."""
+    target = torch.device(device)  # RuntimeError for a device string torch does not know
+    gen = torch.Generator().manual_seed(0)
+    reference = nn.Linear(128, 64)
+    with torch.no_grad():
+        reference.weight.copy_(torch.randn(64, 128, generator=gen) / math.sqrt(128))
+        reference.bias.copy_(torch.randn(64, generator=gen))
+    layer = quantize_linear(reference, mode, str(target), compute_dtype)
+    x = torch.randn(8, 128, generator=gen)
+    upstream = torch.randn(8, 64, generator=gen)
+    x_q = x.clone().to(target).requires_grad_()
+    (layer(x_q) * upstream.to(target)).sum().backward()
+    x_ref = x.clone().requires_grad_()
+    y_ref = reference(x_ref)
+    (y_ref * upstream).sum().backward()
+    with torch.no_grad():
+        y_q = layer(x.to(target))
+    if x_q.grad is None:
+        raise RuntimeError("no gradient reached the input of the quantized layer")
+    return _cosine(y_q, y_ref), _cosine(x_q.grad, x_ref.grad)
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
+
+
+def probe_quant(
+    mode: str, device: str = "cpu", compute_dtype: torch.dtype | str | None = None
+) -> ProbeResult:
+    """Run a tiny quantized matmul forward and backward on `device`; cached per process."""
+    dtype = compute_dtype_of(compute_dtype)
+    key = (check_mode(mode), str(device), dtype)
+    if key in _PROBE_CACHE:
+        return _PROBE_CACHE[key]
+    if mode == "none":
+        result = ProbeResult(mode, str(device), ok=True, reason="full precision: no kernel")
+    else:
+        start = time.perf_counter()
+        try:
+            out_cos, grad_cos = _run_probe(mode, str(device), dtype)
+        # Deliberately broad: a native library can fail at its first kernel in any way
+        # (RuntimeError, NotImplementedError, OSError, AssertionError, ...); each is a failure
+        # with a reason, never swallowed: the caller logs it or raises it.
+        except Exception as err:
+            result = ProbeResult(mode, str(device), ok=False, reason=_one_line(err))
+        else:
+            ok = min(out_cos, grad_cos) >= PROBE_MIN_COSINE  # NaN compares False
+            reason = "" if ok else f"wrong numbers: cosine out {out_cos:.3f}, grad {grad_cos:.3f}"
+            result = ProbeResult(
+                mode, str(device), ok, reason, out_cos, grad_cos, time.perf_counter() - start
+            )
+    _PROBE_CACHE[key] = result
+    return result
+
+
+def clear_probe_cache() -> None:
+    _PROBE_CACHE.clear()
+
+
+def resolve_quant(
+    mode: str,
+    device: str = "cpu",
+    strict: bool = False,
+    compute_dtype: torch.dtype | str | None = None,
+) -> tuple[str, list[ProbeResult]]:
+    """The mode to use on `device` (first passing probe in FALLBACK_ORDER) and the probes run.
+
+    A fallback logs one warning naming the requested mode, the reasons and the mode used;
+    `strict=True` raises ZooError with the reason instead of falling back.
+    """
+    probes: list[ProbeResult] = []
+    for candidate in FALLBACK_ORDER[check_mode(mode)]:
+        result = probe_quant(candidate, device, compute_dtype)
+        probes.append(result)
+        if result.ok:
+            break
+        if strict:
+            raise ZooError(
+                f"quant={mode!r} does not work on device {device!r} (strict=True, no fallback): "
+                f"{result.reason}"
+            )
+    used = probes[-1].mode
+    if used != mode:
+        reasons = "; ".join(f"{p.mode}: {p.reason}" for p in probes if not p.ok)
+        log.warning(
+            "quant=%r unavailable on device %r (%s); falling back to quant=%r",
+            mode,
+            device,
+            reasons,
+            used,
+        )
+    return used, probes
+
+
+def apply_quant(
+    backbone,
+    mode: str,
+    device: str = "cpu",
+    compute_dtype: torch.dtype | str | None = None,
+    strict: bool = False,
+):
+    """Quantize a loaded `Backbone` in place (after its spec fingerprinted the fp32 weights).
+
+    Sets `backbone.quant` to the mode in use and `backbone.extras["quant"]` to the details.
+    """
+    dtype = compute_dtype_of(compute_dtype)
+    used, probes = resolve_quant(mode, device, strict, dtype)
+    paths: list[str] = []
+    if used != "none":
+        paths = quantize_model(backbone.model, used, device, dtype)
+        if not paths:
+            raise ZooError(
+                f"{backbone.spec.name}: quant={mode!r} asked, but it has no linear layers "
+                f"outside its head to quantize; use quant='none'"
+            )
+    elif str(device) != "cpu":
+        backbone.model.to(device)
+    backbone.quant = used
+    backbone.extras["quant"] = {
+        "requested": mode,
+        "used": used,
+        "device": str(device),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "layers": paths,
+        "probes": probes,
+    }
+    return backbone
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+
+def _quant_state_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Tensors bitsandbytes keeps beside the parameters: 4-bit QuantState (absmax, code,
+    offset, nested state) and int8 row scales / codes (SCB, CB) on the weight and the state."""
+    weight = getattr(module, "weight", None)
+    stack = [getattr(weight, "quant_state", None)]
+    while stack:
+        state = stack.pop()
+        if state is None:
+            continue
+        for value in vars(state).values():
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif type(value).__name__ == "QuantState":
+                stack.append(value)
+    for holder in (weight, getattr(module, "state", None)):
+        for attr in ("CB", "SCB"):
+            value = getattr(holder, attr, None)
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+    for sub in module.modules():
+        yield from _quant_state_tensors(sub)
+
+
+def _bytes_by_dtype(tensors: Iterator[torch.Tensor]) -> dict[str, int]:
+    """Bytes per dtype name, each storage counted once (tied or shared tensors)."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        if key in seen or tensor.device.type == "meta":
+            continue
+        seen.add(key)
+        name = str(tensor.dtype).removeprefix("torch.")
+        out[name] = out.get(name, 0) + storage.nbytes()
+    return dict(sorted(out.items()))
+
+
+def backbone_tensor_hashes(model: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> list[str]:
+    """Sorted sha256 digests of every backbone tensor (parameters, buffers, quant state), minus
+    `exclude` (e.g. adapter parameters); names are left out since adapters rename paths."""
+    skip = {id(t) for t in exclude}
+    digests = []
+    for tensor in _module_tensors(model):
+        if id(tensor) in skip:
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        head = f"{tuple(tensor.shape)}|{tensor.dtype}|".encode()
+        digests.append(hashlib.sha256(head + flat.numpy().tobytes()).hexdigest())
+    return sorted(digests)
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Exact resident bytes of `model` per dtype: parameters, buffers, quant state."""
+    return _bytes_by_dtype(_module_tensors(model))
+
+
+def linear_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes per dtype of the quantizable linear layers only (quantized or not)."""
+    bnb_types = ("Linear4bit", "Linear8bitLt")
+    wanted = set(quantizable_linears(model))
+    modules = [
+        module
+        for path, module in model.named_modules()
+        if type(module).__name__ in bnb_types or path in wanted
+    ]
+    return _bytes_by_dtype(t for m in modules for t in _module_tensors(m))
+
+
+def memory_table(name: str, quants: tuple[str, ...] = ("none", "int8", "nf4")) -> str:
+    """Weight memory of backbone `name` per quant mode and dtype, as a printable table."""
+    from edgetune.zoo import load_backbone
+
+    rows = []
+    for mode in quants:
+        backbone = load_backbone(name, quant=mode)
+        used = backbone.quant if backbone.quant == mode else f"{mode}->{backbone.quant}"
+        rows.append((used, weight_bytes(backbone.model), linear_weight_bytes(backbone.model)))
+        del backbone
+    dtypes = sorted({d for _, per, _ in rows for d in per})
+    base_total = sum(rows[0][1].values())
+    base_linear = sum(rows[0][2].values())
+    mb = 1e6
+    head = f"{'quant':<10}" + "".join(f"{d + ' MB':>12}" for d in dtypes)
+    lines = [
+        f"{name}: weight memory (embeddings, norms and heads stay full precision)",
+        head + f"{'total MB':>11}{'ratio':>7}{'linears MB':>12}{'ratio':>7}",
+    ]
+    for used, per, linear in rows:
+        total, lin = sum(per.values()), sum(linear.values())
+        cells = "".join(f"{per.get(d, 0) / mb:>12.2f}" for d in dtypes)
+        lines.append(
+            f"{used:<10}{cells}{total / mb:>11.2f}{total / base_total:>7.3f}"
+            f"{lin / mb:>12.2f}{lin / max(base_linear, 1):>7.3f}"
+        )
+    lines.append(f"ratios are to {quants[0]!r}")
+    return "\n".join(lines)
+
+
+# -- one training step and its peak resident memory ---------------------------------------------
+
+
+def make_train_step(
+    backbone, adapter: str = "head", batch_size: int = 8, seq_len: int = 64, lr: float = 1e-2
+) -> tuple[Callable[[], float], list[nn.Parameter]]:
+    """A closure running one training step on a fixed random batch; returns it and the
+    trainable tensors. The loss is cross-entropy of a linear head on mean-pooled outputs.
+
+    adapter="fedadapter": rank-16 FedAdapter in every block + head (QLoRA-style);
+    adapter="head": the head alone, with the embedding output requiring grad so that backward
+    runs through every (quantized) layer to the input.
+    """
+    if adapter not in ("head", "fedadapter"):
+        raise ZooError(f"adapter={adapter!r}: use 'head' or 'fedadapter'")
+    model, spec = backbone.model, backbone.spec
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (batch_size, seq_len), generator=gen)
+    labels = torch.randint(0, 4, (batch_size,), generator=gen)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    head = nn.Linear(spec.hidden_size, 4)
+    trainable = list(head.parameters())
+    if adapter == "fedadapter":
+        from edgetune.adapters import AdapterConfig, apply_fedadapter
+
+        handle = apply_fedadapter(model, spec, AdapterConfig(rank=16))
+        trainable += [p for p in handle.named_tensors().values() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    embed = model.get_input_embeddings()
+
+    def step() -> float:
+        embeds = embed(ids)
+        if adapter == "head":
+            embeds = embeds.detach().requires_grad_()
+        out = model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        loss = nn.functional.cross_entropy(head(pooled), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step, trainable
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """VmRSS / VmHWM of this process from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _ru_maxrss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _peak_rss_bytes() -> tuple[int, str]:
+    hwm = _proc_status_bytes("VmHWM")
+    return (hwm, "VmHWM") if hwm is not None else (_ru_maxrss_bytes(), "ru_maxrss")
+
+
+def _step_memory_child(config_json: str) -> None:
+    """Entry point of the measuring interpreter: prints one JSON line."""
+    from edgetune.zoo import load_backbone
+
+    cfg = json.loads(config_json)
+    bnb_module()  # import cost belongs to the baseline of every mode alike
+    gc.collect()
+    rss_imports = _proc_status_bytes("VmRSS")
+    backbone = load_backbone(cfg["name"], quant=cfg["quant"])
+    gc.collect()
+    load_peak, source = _peak_rss_bytes()
+    rss_loaded = _proc_status_bytes("VmRSS")
+    step, trainable = make_train_step(backbone, cfg["adapter"], cfg["batch_size"], cfg["seq_len"])
+    step()  # warm-up: optimizer state and lazy kernel initialisation
+    reset = _reset_peak_rss()
+    losses = [step()]
+    peak, source = _peak_rss_bytes()
+    times = []
+    for _ in range(cfg["timed_steps"]):
+        start = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - start)
+    result = {
+        "quant": backbone.quant,
+        "rss_after_imports": rss_imports,
+        "load_peak_rss": load_peak,
+        "rss_after_load": rss_loaded,
+        "step_peak_rss": peak,
+        "peak_source": source,
+        "peak_reset_before_step": reset,
+        "ru_maxrss": _ru_maxrss_bytes(),
+        "weight_bytes": weight_bytes(backbone.model),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "step_seconds": times,
+        "losses": losses,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result))
+
+
+def step_memory(
+    name: str,
+    quant: str,
+    adapter: str = "head",
+    batch_size: int = 8,
+    seq_len: int = 64,
+    timed_steps: int = 0,
+    timeout: float = 900.0,
+) -> dict:
+    """Peak resident memory (bytes) of one training step of backbone `name` at `quant`,
+    measured in a fresh interpreter so runs do not pollute each other.
+
+    `step_peak_rss` is the kernel's per-process high-water mark (VmHWM), reset after loading
+    and a warm-up step, so it covers one step with the model resident. ru_maxrss is reported
+    too but is not used: Linux carries the parent's peak into a child across fork/exec.
+    """
+    check_mode(quant)
+    config = json.dumps(
+        {
+            "name": name,
+            "quant": quant,
+            "adapter": adapter,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "timed_steps": timed_steps,
+        }
+    )
+    code = "import sys; from edgetune.quant import _step_memory_child as m; m(sys.argv[1])"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, config],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ZooError(
+            f"step_memory({name!r}, quant={quant!r}) failed in its subprocess "
+            f"(exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
