@@ -39,6 +39,22 @@ LoRA baselines (``kind = "lora"``)::
     lora.{module}.A           [rank, d_in]
     lora.{module}.B           [d_out, rank]
     family.head.weight / .bias as above
+
+HTTP flow (all under ``/v1``; errors are JSON ``{"error": code, "detail": message, ...}``):
+
+1. ``POST /v1/register`` with ``Authorization: Bearer <join token>`` and JSON
+   ``{"spec": AdapterSpec.to_dict(), "tier": "nf4"}`` -> 201 ``{"client_id", "token", ...}``.
+   The first spec of a family is pinned; a different one is 409 ``spec_mismatch``.
+2. ``GET /v1/rounds/current`` (``Authorization: Bearer <client token>``) -> round number,
+   state, deadline, ``accepting``, ``downloads`` and the ``upload`` path.
+3. ``GET /v1/global`` and ``GET /v1/families/<family>`` -> safetensors (header
+   ``X-EdgeTune-Version``: the round that produced it, 0 = initial). Load them, train.
+4. ``PUT /v1/rounds/<round>/updates/<client_id>`` with body
+   ``encode_update(tensors, spec, round, num_samples, metrics)`` and
+   ``Content-Type: application/octet-stream`` -> 201; an identical retry -> 200; a different
+   second upload -> 409 ``duplicate_upload``; a closed/other round -> 409 ``round_closed`` with
+   ``current_round``. Global tensors are ``trained - downloaded`` deltas, family tensors values.
+5. ``GET /v1/status`` (join or client token), ``GET /v1/health``, ``GET /v1/openapi.json``.
 """
 
 from __future__ import annotations

@@ -91,3 +91,34 @@ def test_restart_removes_only_unreferenced_blobs(tmp_path: Path) -> None:
     assert sorted(p.name for p in st.blobs.root.iterdir()) == kept
     assert not st.blobs.path(orphan).exists()
     st.close()
+
+
+def test_round_interrupted_while_aggregating_is_aggregated_on_restart(tmp_path: Path) -> None:
+    from edgetune.server.config import ServerConfig
+    from edgetune.server.rounds import Coordinator
+
+    from edgetune.protocol import encode_update
+
+    from .conftest import JOIN_TOKEN
+
+    cfg = ServerConfig(min_clients=2)
+    st = Storage(tmp_path / "s")
+    coord = Coordinator(cfg, st, JOIN_TOKEN)
+    spec = small_spec()
+    for seed in (1, 2):
+        reg = coord.register(JOIN_TOKEN, spec.to_dict(), "fp32")
+        client = coord.authenticate(reg["token"])
+        assert (
+            coord.submit_update(client, 1, encode_update(random_update(spec, seed), spec, 1, 3))[0]
+            == 201
+        )
+    with st.transaction() as c:  # what a crash right after the 'aggregating' commit leaves behind
+        c.execute("UPDATE rounds SET state='aggregating' WHERE round_id=1")
+    st.close()
+    st = Storage(tmp_path / "s")
+    coord = Coordinator(cfg, st, JOIN_TOKEN)
+    assert coord.current_round().state == "aggregating"
+    coord.step()
+    assert [r.state for r in st.rounds()] == ["closed", "open"]
+    assert st.latest_model("global")[0] == 1
+    st.close()
