@@ -83,18 +83,33 @@ def compile_one(kernel: str, dt: str, r: int, cap: int) -> AotResult:
     cfg = fa.fwd_config(r) if kernel == "fwd" else fa.bwd_config(r)
     fn = fa._fused_adapter_fwd_kernel if kernel == "fwd" else fa._fused_adapter_bwd_kernel
     constexprs = {
-        "BLOCK_T": cfg.block_t, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n,
-        "R_PAD": cfg.r_pad, "DOT_DTYPE": fa.dot_dtype(DTYPES[dt]),
+        "BLOCK_T": cfg.block_t,
+        "BLOCK_K": cfg.block_k,
+        "BLOCK_N": cfg.block_n,
+        "R_PAD": cfg.r_pad,
+        "DOT_DTYPE": fa.dot_dtype(DTYPES[dt]),
     }
     src = triton.compiler.ASTSource(fn, _signature(kernel, dt), constexprs=constexprs)
     compiled = triton.compile(
-        src, target=GPUTarget("cuda", cap, 32),
+        src,
+        target=GPUTarget("cuda", cap, 32),
         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
     )
     cubin = compiled.asm["cubin"]
-    return AotResult(kernel, dt, cfg.r_pad, cfg.block_t, cfg.block_k, cfg.block_n,
-                     cfg.num_warps, cfg.num_stages, cap, int(compiled.metadata.shared),
-                     SHARED_LIMIT[cap], len(cubin))
+    return AotResult(
+        kernel,
+        dt,
+        cfg.r_pad,
+        cfg.block_t,
+        cfg.block_k,
+        cfg.block_n,
+        cfg.num_warps,
+        cfg.num_stages,
+        cap,
+        int(compiled.metadata.shared),
+        SHARED_LIMIT[cap],
+        len(cubin),
+    )
 
 
 def _compile_job(job: tuple[str, str, int, int]) -> AotResult:
@@ -120,8 +135,13 @@ def markdown_table(results: list[AotResult]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for kernel, dt, rp in launch_configs():
         any_r = cell[(kernel, dt, rp, caps[0])]
-        row = [kernel, dt, str(rp), f"{any_r.block_t}/{any_r.block_k}/{any_r.block_n}",
-               f"{any_r.num_warps}/{any_r.num_stages}"]
+        row = [
+            kernel,
+            dt,
+            str(rp),
+            f"{any_r.block_t}/{any_r.block_k}/{any_r.block_n}",
+            f"{any_r.num_warps}/{any_r.num_stages}",
+        ]
         row += [str(cell[(kernel, dt, rp, c)].shared) for c in caps]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -14,7 +14,6 @@ Triton on CPU tensors runs only when forced and only under TRITON_INTERPRET=1 (t
 import logging
 import os
 from collections.abc import Callable
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +29,7 @@ PATHS = ("triton", "torch", "reference")
 _logged: set[tuple[str, str]] = set()
 
 
-def _triton_module():  # noqa: ANN202 - returns the module or None
+def _triton_module():
     """The Triton implementation module, or None when triton is not installed."""
     try:
         from . import triton_path
@@ -81,7 +80,7 @@ def _forward_impl(path: str) -> Callable[..., Tensor]:
     return torch_forward if path == "torch" else reference_fp64
 
 
-def _backward_impl(path: str) -> Callable[..., tuple[Optional[Tensor], ...]]:
+def _backward_impl(path: str) -> Callable[..., tuple[Tensor | None, ...]]:
     if path == "triton":
         return _triton_module().triton_backward
     return torch_backward if path == "torch" else reference_backward
@@ -89,8 +88,16 @@ def _backward_impl(path: str) -> Callable[..., tuple[Optional[Tensor], ...]]:
 
 @torch.library.custom_op("edgetune::fused_adapter", mutates_args=())
 def fused_adapter_op(
-    x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, q: Tensor, alpha: Tensor, U: Tensor,
-    b_U: Tensor, scale: float, residual: Optional[Tensor],
+    x: Tensor,
+    D: Tensor,
+    b_D: Tensor,
+    C: Tensor,
+    q: Tensor,
+    alpha: Tensor,
+    U: Tensor,
+    b_U: Tensor,
+    scale: float,
+    residual: Tensor | None,
 ) -> Tensor:
     """residual + scale * (u @ U + b_U) for x [T, d_in]; see edgetune.kernels.fused_adapter."""
     fwd = _forward_impl(_resolve(x.device))
@@ -98,14 +105,23 @@ def fused_adapter_op(
 
 
 @fused_adapter_op.register_fake
-def _(x, D, b_D, C, q, alpha, U, b_U, scale, residual):  # noqa: ANN001, ANN202
+def _(x, D, b_D, C, q, alpha, U, b_U, scale, residual):
     return x.new_empty(x.shape[0], U.shape[1])
 
 
 @torch.library.custom_op("edgetune::fused_adapter_backward", mutates_args=())
 def fused_adapter_backward_op(
-    grad: Tensor, x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, q: Tensor, alpha: Tensor,
-    U: Tensor, b_U: Tensor, scale: float, need_dx: bool,
+    grad: Tensor,
+    x: Tensor,
+    D: Tensor,
+    b_D: Tensor,
+    C: Tensor,
+    q: Tensor,
+    alpha: Tensor,
+    U: Tensor,
+    b_U: Tensor,
+    scale: float,
+    need_dx: bool,
 ) -> list[Tensor]:
     """[dx, dD, db_D, dC, dq, dalpha, dU, db_U]; dx is an empty tensor when not need_dx."""
     bwd = _backward_impl(_resolve(x.device))
@@ -114,19 +130,19 @@ def fused_adapter_backward_op(
 
 
 @fused_adapter_backward_op.register_fake
-def _(grad, x, D, b_D, C, q, alpha, U, b_U, scale, need_dx):  # noqa: ANN001, ANN202
+def _(grad, x, D, b_D, C, q, alpha, U, b_U, scale, need_dx):
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     return [dx, *(torch.empty_like(t) for t in (D, b_D, C, q, alpha, U, b_U))]
 
 
-def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+def _setup_context(ctx, inputs, output) -> None:
     x, D, b_D, C, q, alpha, U, b_U, scale, residual = inputs
     ctx.save_for_backward(x, D, b_D, C, q, alpha, U, b_U)  # never z: every path recomputes it
     ctx.scale = scale
     ctx.has_residual = residual is not None
 
 
-def _backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:  # noqa: ANN001
+def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     need_dx = bool(ctx.needs_input_grad[0])
     grads = torch.ops.edgetune.fused_adapter_backward(grad, *ctx.saved_tensors, ctx.scale, need_dx)
     # d residual = grad itself: the residual enters the output with weight 1
@@ -168,13 +184,26 @@ def adapter_backward_flops(
 
 
 @register_flop_formula(torch.ops.edgetune.fused_adapter)
-def _fwd_flop_formula(x_shape, D_shape, b_D_shape, C_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+def _fwd_flop_formula(x_shape, D_shape, b_D_shape, C_shape, *args, out_shape=None, **kwargs) -> int:
     T, d_in = x_shape
     return adapter_flops(T, d_in, D_shape[1], C_shape[0], out_shape[1])
 
 
 @register_flop_formula(torch.ops.edgetune.fused_adapter_backward)
-def _bwd_flop_formula(grad_shape, x_shape, D_shape, b_D_shape, C_shape, q_shape, alpha_shape,  # noqa: ANN001
-                      U_shape, b_U_shape, scale, need_dx, *args, **kwargs) -> int:
+def _bwd_flop_formula(
+    grad_shape,
+    x_shape,
+    D_shape,
+    b_D_shape,
+    C_shape,
+    q_shape,
+    alpha_shape,
+    U_shape,
+    b_U_shape,
+    scale,
+    need_dx,
+    *args,
+    **kwargs,
+) -> int:
     T, d_in = x_shape
     return adapter_backward_flops(T, d_in, D_shape[1], C_shape[0], U_shape[1], need_dx)

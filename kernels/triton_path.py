@@ -29,7 +29,6 @@ wrongly, so under TRITON_INTERPRET=1 bf16 operands are upcast to fp32 for the do
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -54,69 +53,144 @@ def _gelu_grad(h):
 
 
 @triton.jit
-def _hidden_tile(x_ptr, D_ptr, bD_ptr, rows, row_mask, rk, r_mask, K, R,
-                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr):
+def _hidden_tile(
+    x_ptr,
+    D_ptr,
+    bD_ptr,
+    rows,
+    row_mask,
+    rk,
+    r_mask,
+    K,
+    R,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
     """h = x[rows] @ D + b_D as fp32 [BLOCK_T, R_PAD] (padded rows/lanes exactly 0 + bias)."""
     acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         km = ks < K
-        xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
-                     mask=row_mask[:, None] & km[None, :], other=0.0)
-        dt = tl.load(D_ptr + ks[:, None] * R + rk[None, :],
-                     mask=km[:, None] & r_mask[None, :], other=0.0)
+        xt = tl.load(
+            x_ptr + rows[:, None] * K + ks[None, :], mask=row_mask[:, None] & km[None, :], other=0.0
+        )
+        dt = tl.load(
+            D_ptr + ks[:, None] * R + rk[None, :], mask=km[:, None] & r_mask[None, :], other=0.0
+        )
         acc = tl.dot(xt.to(DOT_DTYPE), dt.to(DOT_DTYPE), acc, input_precision="ieee")
     b = tl.load(bD_ptr + rk, mask=r_mask, other=0.0).to(tl.float32)
     return acc + b[None, :]
 
 
 @triton.jit
-def _branch(z_dot, C_ptr, q_ptr, alpha_ptr, b, rows, row_mask, rk, r_mask, R, stride_at,
-            DOT_DTYPE: tl.constexpr):
-    """(y_b = z C_b + q_b [BLOCK_T, R_PAD] fp32, C_b tile, alpha_b per row [BLOCK_T] fp32)."""
-    cb = tl.load(C_ptr + b * R * R + rk[:, None] * R + rk[None, :],
-                 mask=r_mask[:, None] & r_mask[None, :], other=0.0).to(DOT_DTYPE)
+def _branch(
+    z_dot,
+    C_ptr,
+    q_ptr,
+    alpha_ptr,
+    b,
+    rows,
+    row_mask,
+    rk,
+    r_mask,
+    R,
+    stride_at,
+    DOT_DTYPE: tl.constexpr,
+):
+    """(y_b = z C_b + q_b [BLOCK_T, R_PAD] fp32, alpha_b per row [BLOCK_T] fp32)."""
+    cb = tl.load(
+        C_ptr + b * R * R + rk[:, None] * R + rk[None, :],
+        mask=r_mask[:, None] & r_mask[None, :],
+        other=0.0,
+    ).to(DOT_DTYPE)
     qb = tl.load(q_ptr + b * R + rk, mask=r_mask, other=0.0).to(tl.float32)
     ab = tl.load(alpha_ptr + rows * stride_at + b, mask=row_mask, other=0.0).to(tl.float32)
     yb = tl.dot(z_dot, cb, input_precision="ieee") + qb[None, :]
-    return yb, cb, ab
+    return yb, ab
 
 
 @triton.jit
-def _mix_tile(z, C_ptr, q_ptr, alpha_ptr, rows, row_mask, rk, r_mask, R, n_branch, stride_at,
-              DOT_DTYPE: tl.constexpr):
+def _mix_tile(
+    z,
+    C_ptr,
+    q_ptr,
+    alpha_ptr,
+    rows,
+    row_mask,
+    rk,
+    r_mask,
+    R,
+    n_branch,
+    stride_at,
+    DOT_DTYPE: tl.constexpr,
+):
     """u = z + sum_b alpha_b (z C_b + q_b), all in registers."""
     z_dot = z.to(DOT_DTYPE)
     u = z
     for b in range(0, n_branch):
-        yb, cb, ab = _branch(z_dot, C_ptr, q_ptr, alpha_ptr, b, rows, row_mask, rk, r_mask, R,
-                             stride_at, DOT_DTYPE)
+        yb, ab = _branch(
+            z_dot, C_ptr, q_ptr, alpha_ptr, b, rows, row_mask, rk, r_mask, R, stride_at, DOT_DTYPE
+        )
         u += ab[:, None] * yb
     return u
 
 
 @triton.jit
 def _fused_adapter_fwd_kernel(
-    x_ptr, D_ptr, bD_ptr, C_ptr, q_ptr, alpha_ptr, U_ptr, bU_ptr, res_ptr, out_ptr,
-    T, K, R, N, n_branch, stride_at, scale, has_res,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    x_ptr,
+    D_ptr,
+    bD_ptr,
+    C_ptr,
+    q_ptr,
+    alpha_ptr,
+    U_ptr,
+    bU_ptr,
+    res_ptr,
+    out_ptr,
+    T,
+    K,
+    R,
+    N,
+    n_branch,
+    stride_at,
+    scale,
+    has_res,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
     rk = tl.arange(0, R_PAD)
     r_mask = rk < R
-    h = _hidden_tile(x_ptr, D_ptr, bD_ptr, rows, row_mask, rk, r_mask, K, R,
-                     BLOCK_T, BLOCK_K, R_PAD, DOT_DTYPE)
-    u = _mix_tile(_gelu(h), C_ptr, q_ptr, alpha_ptr, rows, row_mask, rk, r_mask, R, n_branch,
-                  stride_at, DOT_DTYPE)
+    h = _hidden_tile(
+        x_ptr, D_ptr, bD_ptr, rows, row_mask, rk, r_mask, K, R, BLOCK_T, BLOCK_K, R_PAD, DOT_DTYPE
+    )
+    u = _mix_tile(
+        _gelu(h),
+        C_ptr,
+        q_ptr,
+        alpha_ptr,
+        rows,
+        row_mask,
+        rk,
+        r_mask,
+        R,
+        n_branch,
+        stride_at,
+        DOT_DTYPE,
+    )
     u_dot = u.to(DOT_DTYPE)
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         nm = ns < N
-        ut = tl.load(U_ptr + rk[:, None] * N + ns[None, :],
-                     mask=r_mask[:, None] & nm[None, :], other=0.0)
+        ut = tl.load(
+            U_ptr + rk[:, None] * N + ns[None, :], mask=r_mask[:, None] & nm[None, :], other=0.0
+        )
         bu = tl.load(bU_ptr + ns, mask=nm, other=0.0).to(tl.float32)
         o = scale * (tl.dot(u_dot, ut.to(DOT_DTYPE), input_precision="ieee") + bu[None, :])
         offs = rows[:, None] * N + ns[None, :]
@@ -127,16 +201,31 @@ def _fused_adapter_fwd_kernel(
 
 
 @triton.jit
-def _out_backward(u_dot, g_ptr, U_ptr, pU_ptr, pbU_ptr, rows, row_mask, rk, r_mask, N, scale,
-                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-                  DOT_DTYPE: tl.constexpr):
+def _out_backward(
+    u_dot,
+    g_ptr,
+    U_ptr,
+    pU_ptr,
+    pbU_ptr,
+    rows,
+    row_mask,
+    rk,
+    r_mask,
+    N,
+    scale,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
     """N-loop: du = s g U^T (returned, fp32) and this program's dU / db_U partial slots += ."""
     du = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         nm = ns < N
-        g = tl.load(g_ptr + rows[:, None] * N + ns[None, :],
-                    mask=row_mask[:, None] & nm[None, :], other=0.0).to(DOT_DTYPE)
+        g = tl.load(
+            g_ptr + rows[:, None] * N + ns[None, :], mask=row_mask[:, None] & nm[None, :], other=0.0
+        ).to(DOT_DTYPE)
         umask = r_mask[:, None] & nm[None, :]
         ut = tl.load(U_ptr + rk[:, None] * N + ns[None, :], mask=umask, other=0.0)
         du = tl.dot(g, tl.trans(ut.to(DOT_DTYPE)), du, input_precision="ieee")
@@ -150,15 +239,32 @@ def _out_backward(u_dot, g_ptr, U_ptr, pU_ptr, pbU_ptr, rows, row_mask, rk, r_ma
 
 
 @triton.jit
-def _mix_backward(z, du, C_ptr, q_ptr, alpha_ptr, pC_ptr, pq_ptr, dalpha_ptr, rows, row_mask,
-                  rk, r_mask, R, n_branch, stride_at, DOT_DTYPE: tl.constexpr):
+def _mix_backward(
+    z,
+    du,
+    C_ptr,
+    q_ptr,
+    alpha_ptr,
+    pC_ptr,
+    pq_ptr,
+    dalpha_ptr,
+    rows,
+    row_mask,
+    rk,
+    r_mask,
+    R,
+    n_branch,
+    stride_at,
+    DOT_DTYPE: tl.constexpr,
+):
     """dz = du + sum_b (alpha_b du) C_b^T; dalpha rows stored; dC / dq partial slots += ."""
     z_dot = z.to(DOT_DTYPE)
     dz = du
     cmask = r_mask[:, None] & r_mask[None, :]
     for b in range(0, n_branch):
-        yb, _, ab = _branch(z_dot, C_ptr, q_ptr, alpha_ptr, b, rows, row_mask, rk, r_mask, R,
-                            stride_at, DOT_DTYPE)
+        yb, ab = _branch(
+            z_dot, C_ptr, q_ptr, alpha_ptr, b, rows, row_mask, rk, r_mask, R, stride_at, DOT_DTYPE
+        )
         tl.store(dalpha_ptr + rows * n_branch + b, tl.sum(du * yb, axis=1), mask=row_mask)
         adu = ab[:, None] * du
         adu_dot = adu.to(DOT_DTYPE)
@@ -176,8 +282,22 @@ def _mix_backward(z, du, C_ptr, q_ptr, alpha_ptr, pC_ptr, pq_ptr, dalpha_ptr, ro
 
 
 @triton.jit
-def _input_backward(dh, x_ptr, D_ptr, dx_ptr, pD_ptr, rows, row_mask, rk, r_mask, K, R, need_dx,
-                    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _input_backward(
+    dh,
+    x_ptr,
+    D_ptr,
+    dx_ptr,
+    pD_ptr,
+    rows,
+    row_mask,
+    rk,
+    r_mask,
+    K,
+    R,
+    need_dx,
+    BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
     """K-loop: dx = dh D^T (stored) and this program's dD partial slot += x^T dh."""
     dh_dot = dh.to(DOT_DTYPE)
     for k0 in range(0, K, BLOCK_K):
@@ -188,10 +308,12 @@ def _input_backward(dh, x_ptr, D_ptr, dx_ptr, pD_ptr, rows, row_mask, rk, r_mask
             dt = tl.load(D_ptr + ks[:, None] * R + rk[None, :], mask=dmask, other=0.0)
             dx = tl.dot(dh_dot, tl.trans(dt.to(DOT_DTYPE)), input_precision="ieee")
             xmask = row_mask[:, None] & km[None, :]
-            tl.store(dx_ptr + rows[:, None] * K + ks[None, :],
-                     dx.to(dx_ptr.dtype.element_ty), mask=xmask)
-        xt = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
-                     mask=row_mask[:, None] & km[None, :], other=0.0)
+            tl.store(
+                dx_ptr + rows[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=xmask
+            )
+        xt = tl.load(
+            x_ptr + rows[:, None] * K + ks[None, :], mask=row_mask[:, None] & km[None, :], other=0.0
+        )
         p_offs = pD_ptr + ks[:, None] * R + rk[None, :]
         pd = tl.load(p_offs, mask=dmask, other=0.0)
         pd += tl.dot(tl.trans(xt.to(DOT_DTYPE)), dh_dot, input_precision="ieee")
@@ -200,10 +322,34 @@ def _input_backward(dh, x_ptr, D_ptr, dx_ptr, pD_ptr, rows, row_mask, rk, r_mask
 
 @triton.jit
 def _fused_adapter_bwd_kernel(
-    x_ptr, D_ptr, bD_ptr, C_ptr, q_ptr, alpha_ptr, U_ptr, g_ptr,
-    dx_ptr, pD_ptr, pbD_ptr, pC_ptr, pq_ptr, pU_ptr, pbU_ptr, dalpha_ptr,
-    T, K, R, N, n_branch, stride_at, scale, need_dx,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    x_ptr,
+    D_ptr,
+    bD_ptr,
+    C_ptr,
+    q_ptr,
+    alpha_ptr,
+    U_ptr,
+    g_ptr,
+    dx_ptr,
+    pD_ptr,
+    pbD_ptr,
+    pC_ptr,
+    pq_ptr,
+    pU_ptr,
+    pbU_ptr,
+    dalpha_ptr,
+    T,
+    K,
+    R,
+    N,
+    n_branch,
+    stride_at,
+    scale,
+    need_dx,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -221,20 +367,90 @@ def _fused_adapter_bwd_kernel(
     for tile in range(pid, tl.cdiv(T, BLOCK_T), n_prog):
         rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         row_mask = rows < T
-        h = _hidden_tile(x_ptr, D_ptr, bD_ptr, rows, row_mask, rk, r_mask, K, R,
-                         BLOCK_T, BLOCK_K, R_PAD, DOT_DTYPE)
+        h = _hidden_tile(
+            x_ptr,
+            D_ptr,
+            bD_ptr,
+            rows,
+            row_mask,
+            rk,
+            r_mask,
+            K,
+            R,
+            BLOCK_T,
+            BLOCK_K,
+            R_PAD,
+            DOT_DTYPE,
+        )
         z = _gelu(h)
-        u = _mix_tile(z, C_ptr, q_ptr, alpha_ptr, rows, row_mask, rk, r_mask, R, n_branch,
-                      stride_at, DOT_DTYPE)
-        du = _out_backward(u.to(DOT_DTYPE), g_ptr, U_ptr, pU_ptr, pbU_ptr, rows, row_mask, rk,
-                           r_mask, N, scale, BLOCK_T, BLOCK_N, R_PAD, DOT_DTYPE)
-        dz = _mix_backward(z, du, C_ptr, q_ptr, alpha_ptr, pC_ptr, pq_ptr, dalpha_ptr, rows,
-                           row_mask, rk, r_mask, R, n_branch, stride_at, DOT_DTYPE)
+        u = _mix_tile(
+            z,
+            C_ptr,
+            q_ptr,
+            alpha_ptr,
+            rows,
+            row_mask,
+            rk,
+            r_mask,
+            R,
+            n_branch,
+            stride_at,
+            DOT_DTYPE,
+        )
+        du = _out_backward(
+            u.to(DOT_DTYPE),
+            g_ptr,
+            U_ptr,
+            pU_ptr,
+            pbU_ptr,
+            rows,
+            row_mask,
+            rk,
+            r_mask,
+            N,
+            scale,
+            BLOCK_T,
+            BLOCK_N,
+            R_PAD,
+            DOT_DTYPE,
+        )
+        dz = _mix_backward(
+            z,
+            du,
+            C_ptr,
+            q_ptr,
+            alpha_ptr,
+            pC_ptr,
+            pq_ptr,
+            dalpha_ptr,
+            rows,
+            row_mask,
+            rk,
+            r_mask,
+            R,
+            n_branch,
+            stride_at,
+            DOT_DTYPE,
+        )
         dh = dz * _gelu_grad(h)
         pbd = tl.load(pbD_ptr + rk, mask=r_mask, other=0.0)
         tl.store(pbD_ptr + rk, pbd + tl.sum(dh, axis=0), mask=r_mask)
-        _input_backward(dh, x_ptr, D_ptr, dx_ptr, pD_ptr, rows, row_mask, rk, r_mask, K, R,
-                        need_dx, BLOCK_K, DOT_DTYPE)
+        _input_backward(
+            dh,
+            x_ptr,
+            D_ptr,
+            dx_ptr,
+            pD_ptr,
+            rows,
+            row_mask,
+            rk,
+            r_mask,
+            K,
+            R,
+            need_dx,
+            BLOCK_K,
+            DOT_DTYPE,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +485,13 @@ def rank_bucket(r: int) -> int:
 def fwd_config(r: int) -> KernelConfig:
     """Forward tiling for rank r: fewer rows per program as the fp32 [T, R_PAD] tiles grow."""
     rp = rank_bucket(r)
-    return KernelConfig(block_t=64 if rp <= 64 else 32, block_k=64 if rp <= 32 else 32,
-                        block_n=64, r_pad=rp, num_warps=4 if rp <= 64 else 8)
+    return KernelConfig(
+        block_t=64 if rp <= 64 else 32,
+        block_k=64 if rp <= 32 else 32,
+        block_n=64,
+        r_pad=rp,
+        num_warps=4 if rp <= 64 else 8,
+    )
 
 
 def bwd_config(r: int) -> KernelConfig:
@@ -280,8 +501,9 @@ def bwd_config(r: int) -> KernelConfig:
     then needs 192 KB of shared memory (> sm_89's 99 KB per block); unpipelined it is 96 KB.
     """
     rp = rank_bucket(r)
-    return KernelConfig(block_t=32, block_k=32, block_n=32, r_pad=rp,
-                        num_warps=4 if rp <= 64 else 8, num_stages=1)
+    return KernelConfig(
+        block_t=32, block_k=32, block_n=32, r_pad=rp, num_warps=4 if rp <= 64 else 8, num_stages=1
+    )
 
 
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -291,12 +513,23 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return _TL_DTYPE[dtype]
 
 
-def _check_inputs(x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, q: Tensor, alpha: Tensor,
-                  U: Tensor, b_U: Tensor, residual: Tensor | None) -> tuple[int, int, int, int, int]:
+def _check_inputs(
+    x: Tensor,
+    D: Tensor,
+    b_D: Tensor,
+    C: Tensor,
+    q: Tensor,
+    alpha: Tensor,
+    U: Tensor,
+    b_U: Tensor,
+    residual: Tensor | None,
+) -> tuple[int, int, int, int, int]:
     """Raise on anything the kernels (or a real GPU) would reject; return (T, K, R, N, n)."""
     if x.device.type != "cuda" and not (x.device.type == "cpu" and INTERPRETED):
-        raise RuntimeError("Triton fused_adapter needs a CUDA tensor (or CPU with TRITON_INTERPRET=1"
-                           f" set before import); got device {x.device}")
+        raise RuntimeError(
+            "Triton fused_adapter needs a CUDA tensor (or CPU with TRITON_INTERPRET=1"
+            f" set before import); got device {x.device}"
+        )
     if x.dtype not in _TL_DTYPE:
         raise TypeError(f"fused_adapter: unsupported dtype {x.dtype}")
     T, K = x.shape
@@ -310,7 +543,9 @@ def _check_inputs(x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, q: Tensor, alpha
         if tuple(t.shape) != want[name]:
             raise ValueError(f"fused_adapter: {name} has shape {tuple(t.shape)}, want {want[name]}")
     if tuple(alpha.shape) not in ((n,), (T, n)):
-        raise ValueError(f"fused_adapter: alpha shape {tuple(alpha.shape)}, want ({n},) or ({T}, {n})")
+        raise ValueError(
+            f"fused_adapter: alpha shape {tuple(alpha.shape)}, want ({n},) or ({T}, {n})"
+        )
     if residual is not None and tuple(residual.shape) != (T, N):
         raise ValueError(f"fused_adapter: residual shape {tuple(residual.shape)}, want ({T}, {N})")
     for t in (D, b_D, C, q, alpha, U, b_U, *(() if residual is None else (residual,))):
@@ -319,22 +554,54 @@ def _check_inputs(x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, q: Tensor, alpha
     return T, K, R, N, n
 
 
-def triton_forward(x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, q: Tensor, alpha: Tensor,
-                   U: Tensor, b_U: Tensor, scale: float, residual: Tensor | None = None) -> Tensor:
+def triton_forward(
+    x: Tensor,
+    D: Tensor,
+    b_D: Tensor,
+    C: Tensor,
+    q: Tensor,
+    alpha: Tensor,
+    U: Tensor,
+    b_U: Tensor,
+    scale: float,
+    residual: Tensor | None = None,
+) -> Tensor:
     """One launch of the forward kernel; x [T, K] -> out [T, N] in x.dtype."""
     T, K, R, N, n = _check_inputs(x, D, b_D, C, q, alpha, U, b_U, residual)
     x, D, b_D, C, q, alpha, U, b_U = (t.contiguous() for t in (x, D, b_D, C, q, alpha, U, b_U))
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    res = out if residual is None else residual.contiguous()  # dummy pointer, never read when has_res=0
+    res = (
+        out if residual is None else residual.contiguous()
+    )  # dummy pointer, never read when has_res=0
     cfg = fwd_config(R)
     _fused_adapter_fwd_kernel[(triton.cdiv(T, cfg.block_t),)](
-        x, D, b_D, C, q, alpha, U, b_U, res, out,
-        T, K, R, N, n, 0 if alpha.dim() == 1 else n, float(scale), int(residual is not None),
-        BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
+        x,
+        D,
+        b_D,
+        C,
+        q,
+        alpha,
+        U,
+        b_U,
+        res,
+        out,
+        T,
+        K,
+        R,
+        N,
+        n,
+        0 if alpha.dim() == 1 else n,
+        float(scale),
+        int(residual is not None),
+        BLOCK_T=cfg.block_t,
+        BLOCK_K=cfg.block_k,
+        BLOCK_N=cfg.block_n,
+        R_PAD=cfg.r_pad,
         DOT_DTYPE=dot_dtype(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out
 
@@ -346,9 +613,20 @@ def default_max_programs(device: torch.device) -> int:
     return 4
 
 
-def triton_backward(grad: Tensor, x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, q: Tensor,
-                    alpha: Tensor, U: Tensor, b_U: Tensor, scale: float, need_dx: bool = True,
-                    max_programs: int | None = None) -> tuple[Tensor | None, ...]:
+def triton_backward(
+    grad: Tensor,
+    x: Tensor,
+    D: Tensor,
+    b_D: Tensor,
+    C: Tensor,
+    q: Tensor,
+    alpha: Tensor,
+    U: Tensor,
+    b_U: Tensor,
+    scale: float,
+    need_dx: bool = True,
+    max_programs: int | None = None,
+) -> tuple[Tensor | None, ...]:
     """(dx, dD, db_D, dC, dq, dalpha, dU, db_U); deterministic (per-program partials, no atomics)."""
     T, K, R, N, n = _check_inputs(x, D, b_D, C, q, alpha, U, b_U, None)
     x, D, b_D, C, q, alpha, U, g = (t.contiguous() for t in (x, D, b_D, C, q, alpha, U, grad))
@@ -362,11 +640,32 @@ def triton_backward(grad: Tensor, x: Tensor, D: Tensor, b_D: Tensor, C: Tensor, 
     dx = torch.empty_like(x) if need_dx else None
     if T > 0:
         _fused_adapter_bwd_kernel[(P,)](
-            x, D, b_D, C, q, alpha, U, g, x if dx is None else dx, *parts, dalpha,
-            T, K, R, N, n, 0 if alpha.dim() == 1 else n, float(scale), int(need_dx),
-            BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, R_PAD=cfg.r_pad,
+            x,
+            D,
+            b_D,
+            C,
+            q,
+            alpha,
+            U,
+            g,
+            x if dx is None else dx,
+            *parts,
+            dalpha,
+            T,
+            K,
+            R,
+            N,
+            n,
+            0 if alpha.dim() == 1 else n,
+            float(scale),
+            int(need_dx),
+            BLOCK_T=cfg.block_t,
+            BLOCK_K=cfg.block_k,
+            BLOCK_N=cfg.block_n,
+            R_PAD=cfg.r_pad,
             DOT_DTYPE=dot_dtype(x.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     dD, db_D, dC, dq, dU, db_U = (p.sum(0).to(x.dtype) for p in parts)
     dalpha = (dalpha.sum(0) if alpha.dim() == 1 else dalpha).to(alpha.dtype)
@@ -385,6 +684,7 @@ class TritonFusedAdapter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        grads = triton_backward(grad, *ctx.saved_tensors, ctx.scale,
-                                need_dx=ctx.needs_input_grad[0])
+        grads = triton_backward(
+            grad, *ctx.saved_tensors, ctx.scale, need_dx=ctx.needs_input_grad[0]
+        )
         return (*grads, None, grad if ctx.has_residual else None)
