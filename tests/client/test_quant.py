@@ -81,8 +81,6 @@ def test_weight_bytes_are_exact(quantized, minilm_l6):
 
 @pytest.mark.parametrize("adapter", ["fedadapter", "head"])
 def test_training_through_nf4_reduces_loss_and_keeps_backbone(adapter):
-    if adapter == "fedadapter":
-        pytest.importorskip("edgetune.adapters")
     backbone = load_backbone("minilm-l6", quant="nf4")
     before = quant.backbone_tensor_hashes(backbone.model)
     step, trainable = quant.make_train_step(backbone, adapter, batch_size=2, seq_len=12)
@@ -171,3 +169,15 @@ def test_step_memory_in_a_fresh_process():
     assert result["quant"] == "nf4" and result["peak_source"] == "VmHWM"
     assert result["step_peak_rss"] >= result["rss_after_imports"] > 0
     assert result["weight_bytes"]["uint8"] > 0
+
+
+def test_gpt2_conv1d_is_quantized_and_tied_head_stays_full_precision():
+    fp32 = load_backbone("tiny-gpt2-d32-l2")
+    backbone = load_backbone("tiny-gpt2-d32-l2", quant="nf4")
+    model = backbone.model
+    assert len(backbone.extras["quant"]["layers"]) == 2 * 4  # c_attn, c_proj, c_fc, mlp.c_proj
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # still tied, fp32
+    ids = torch.randint(0, 30000, (2, 8))
+    with torch.no_grad():
+        a, b = fp32.model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.95
