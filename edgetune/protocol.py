@@ -59,6 +59,7 @@ HTTP flow (all under ``/v1``; errors are JSON ``{"error": code, "detail": messag
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -312,7 +313,12 @@ class AdapterSpec:
 
     def upload_tensors(self) -> dict[str, TensorSpec]:
         """The exact key set (and shapes) of an update from a client with this spec."""
-        return {**self.global_tensors(), **self.family_tensors()}
+        return dict(_upload_schema(self))
+
+
+@functools.lru_cache(maxsize=256)
+def _upload_schema(spec: AdapterSpec) -> dict[str, TensorSpec]:
+    return {**spec.global_tensors(), **spec.family_tensors()}
 
 
 # -- payload encoding ------------------------------------------------------------------------
