@@ -1,4 +1,4 @@
-"""The round state machine: registration, uploads, quorum/deadline handling, aggregation.
+"""The round state machine: uploads, quorum/deadline handling, aggregation.
 
 Round states: ``open`` (no upload yet) -> ``collecting`` -> ``aggregating`` -> ``closed``, or
 ``abandoned`` when the deadline passes without enough uploads and extensions are used up.
@@ -10,51 +10,30 @@ simply aggregated again, deterministically).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import logging
-import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from edgetune.protocol import (
-    META_FAMILY,
-    META_KIND,
-    META_ROUND,
-    META_SPEC,
-    PAYLOAD_FAMILY,
-    PAYLOAD_GLOBAL,
     AdapterSpec,
     ProtocolError,
+    UpdateMeta,
     decode_payload,
-    encode_payload,
-    initial_tensors,
 )
 
 from .aggregation import ClientUpdate, TensorDict
 from .config import ServerConfig
+from .registry import Registry, hash_token, log, log_event
 from .storage import ClientRecord, RoundRecord, Storage, UpdateRecord, bump_counter, sha256_hex
 from .strategy import GLOBAL, Strategy, family_model, make_strategy
 from .validation import ApiError, validate_update
 
-log = logging.getLogger("edgetune.server")
-
 ACCEPTING = ("open", "collecting")
-
-
-def hash_token(token: str) -> str:
-    """sha256 of a high-entropy random token (no salt/KDF needed for 256-bit secrets)."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _event(event: str, **fields: Any) -> None:
-    log.info(event, extra={"event": event, "fields": fields})
 
 
 class _Events(threading.local):
@@ -62,7 +41,7 @@ class _Events(threading.local):
         self.pending: list[tuple[str, dict[str, Any]]] = []
 
 
-class Coordinator:
+class Coordinator(Registry):
     """Owns the storage and the strategy; every public method is thread-safe."""
 
     def __init__(self, config: ServerConfig, storage: Storage, join_token: str) -> None:
@@ -84,7 +63,7 @@ class Coordinator:
         self._open_first_round()
         removed = storage.collect_garbage()
         if removed:
-            _event("orphan_blobs_removed", count=removed)
+            log_event("orphan_blobs_removed", count=removed)
 
     # -- transactions with logs emitted only after commit ----------------------------------
     @contextmanager
@@ -94,7 +73,7 @@ class Coordinator:
             yield conn
         pending, self._events.pending = self._events.pending, []
         for event, fields in pending:
-            _event(event, **fields)
+            log_event(event, **fields)
 
     def _later(self, event: str, **fields: Any) -> None:
         self._events.pending.append((event, fields))
@@ -132,102 +111,6 @@ class Coordinator:
             (round_id, t, t + self.config.round_timeout_s),
         )
         self._later("round_opened", round=round_id, deadline=t + self.config.round_timeout_s)
-
-    # -- auth ------------------------------------------------------------------------------
-    def check_join_token(self, token: str) -> None:
-        if not hmac.compare_digest(hash_token(token), self._join_hash):
-            raise ApiError(401, "invalid_join_token", "the join token is not valid for this server")
-
-    def authenticate(self, token: str) -> ClientRecord:
-        digest = hash_token(token)
-        found = self.storage.client_by_token_hash(digest)
-        if found is None or not hmac.compare_digest(found[1], digest):
-            raise ApiError(
-                401, "invalid_token", "bearer token is not a token issued by this server"
-            )
-        return found[0]
-
-    def check_status_token(self, token: str) -> None:
-        """Status is readable with the join token or any client token."""
-        if hmac.compare_digest(hash_token(token), self._join_hash):
-            return
-        self.authenticate(token)
-
-    # -- registration ----------------------------------------------------------------------
-    def register(self, join_token: str, spec_data: Mapping[str, Any], tier: str) -> dict[str, Any]:
-        self.check_join_token(join_token)
-        try:
-            spec = AdapterSpec.from_dict(spec_data)
-        except ProtocolError as exc:
-            raise ApiError(422, exc.code, exc.message) from exc
-        client_id, token = f"c-{secrets.token_hex(8)}", secrets.token_urlsafe(32)
-        with self._lock, self._txn() as c:
-            pinned_json = self.storage.family_spec(spec.family)
-            pinned = AdapterSpec.from_json(pinned_json) if pinned_json else None
-            reason = self.strategy.check_spec(spec, pinned)
-            if reason is not None:
-                raise ApiError(409 if pinned else 422, "spec_mismatch", reason)
-            if pinned is None:
-                self._pin_family(c, spec)
-            c.execute(
-                "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    client_id,
-                    hash_token(token),
-                    spec.family,
-                    tier,
-                    spec.to_json(),
-                    spec.spec_hash,
-                    time.time(),
-                ),
-            )
-        _event("client_registered", client=client_id, family=spec.family, tier=tier)
-        return {
-            "client_id": client_id,
-            "token": token,
-            "family": spec.family,
-            "spec": spec.to_dict(),
-            "tier": tier,
-        }
-
-    def _pin_family(self, conn: Any, spec: AdapterSpec) -> None:
-        glob, fam = initial_tensors(spec, self.config.seed)
-        if self.strategy.uses_global:
-            schema = json.dumps({n: list(t.shape) for n, t in sorted(glob.items())})
-            row = conn.execute("SELECT value FROM meta WHERE key='global_schema'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta VALUES ('global_schema', ?)", (schema,))
-                self._put_model(conn, GLOBAL, 0, glob, spec=None)
-            elif row[0] != schema:
-                raise ApiError(
-                    409,
-                    "global_mismatch",
-                    f"global branch {schema} != pinned {row[0]} (rank/anchors)",
-                )
-        conn.execute(
-            "INSERT INTO families VALUES (?, ?, ?, ?)",
-            (spec.family, spec.to_json(), spec.family_key(), time.time()),
-        )
-        self._put_model(conn, family_model(spec.family), 0, fam, spec=spec)
-        self._later("family_pinned", family=spec.family, spec_hash=spec.spec_hash)
-
-    def _encode_model(
-        self, name: str, version: int, tensors: TensorDict, spec: AdapterSpec | None
-    ) -> bytes:
-        meta = {
-            META_KIND: PAYLOAD_GLOBAL if name == GLOBAL else PAYLOAD_FAMILY,
-            META_ROUND: str(version),
-        }
-        if spec is not None:
-            meta.update({META_FAMILY: spec.family, META_SPEC: spec.to_json()})
-        return encode_payload(tensors, meta)
-
-    def _put_model(
-        self, conn: Any, name: str, version: int, tensors: TensorDict, spec: AdapterSpec | None
-    ) -> None:
-        data = self._encode_model(name, version, tensors, spec)
-        digest = self.storage.blobs.put(data)
-        conn.execute("INSERT INTO models VALUES (?, ?, ?, ?)", (name, version, digest, len(data)))
 
     # -- rounds ----------------------------------------------------------------------------
     def current_round(self) -> RoundRecord:
@@ -302,26 +185,8 @@ class Coordinator:
             allowed_dtypes=self.config.allowed_dtypes,
         )
         self.storage.blobs.put(body, digest)
-        with self._lock, self._txn() as c:
-            self._check_duplicate(client, round_id, digest)
-            rec = self.current_round()
-            if round_id != rec.round_id or rec.state not in ACCEPTING:
-                raise self._round_conflict(round_id, rec)
-            c.execute(
-                "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (round_id, client.client_id, client.family, client.tier, valid.meta.num_samples, digest,
-                 len(body), json.dumps(valid.meta.metrics, sort_keys=True), time.time()),
-            )  # fmt: skip
-            c.execute(
-                "UPDATE rounds SET state='collecting' WHERE round_id=? AND state='open'",
-                (round_id,),
-            )
-            bump_counter(c, "bytes_in", len(body))
-            bump_counter(c, "uploads", 1)
-            received = c.execute(
-                "SELECT COUNT(*) FROM updates WHERE round_id=?", (round_id,)
-            ).fetchone()[0]
-        _event(
+        received = self._record_update(client, round_id, digest, len(body), valid.meta)
+        log_event(
             "update_accepted",
             round=round_id,
             client=client.client_id,
@@ -336,6 +201,29 @@ class Coordinator:
             "received": received,
             "sha256": digest,
         }
+
+    def _record_update(
+        self, client: ClientRecord, round_id: int, digest: str, size: int, meta: UpdateMeta
+    ) -> int:
+        """Insert the update row (re-checking round and duplicates under the lock); count."""
+        with self._lock, self._txn() as c:
+            self._check_duplicate(client, round_id, digest)
+            rec = self.current_round()
+            if round_id != rec.round_id or rec.state not in ACCEPTING:
+                raise self._round_conflict(round_id, rec)
+            c.execute(
+                "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (round_id, client.client_id, client.family, client.tier, meta.num_samples, digest,
+                 size, json.dumps(meta.metrics, sort_keys=True), time.time()),
+            )  # fmt: skip
+            c.execute(
+                "UPDATE rounds SET state='collecting' WHERE round_id=? AND state='open'",
+                (round_id,),
+            )
+            bump_counter(c, "bytes_in", size)
+            bump_counter(c, "uploads", 1)
+            query = "SELECT COUNT(*) FROM updates WHERE round_id=?"
+            return int(c.execute(query, (round_id,)).fetchone()[0])
 
     def _check_duplicate(self, client: ClientRecord, round_id: int, digest: str) -> None:
         prior = self.storage.update_of(round_id, client.client_id)
@@ -371,7 +259,7 @@ class Coordinator:
             return False
         with self._txn() as c:
             c.execute("UPDATE rounds SET state='aggregating' WHERE round_id=?", (rec.round_id,))
-        _event("round_aggregating", round=rec.round_id, updates=n, quorum=reached)
+        log_event("round_aggregating", round=rec.round_id, updates=n, quorum=reached)
         return True
 
     def _deadline_short(self, rec: RoundRecord, n: int, now: float) -> None:
@@ -466,12 +354,6 @@ class Coordinator:
         )
         return {r["client_id"]: AdapterSpec.from_json(r["spec_json"]) for r in rows}
 
-    def _family_spec(self, name: str) -> AdapterSpec | None:
-        if name == GLOBAL:
-            return None
-        text = self.storage.family_spec(name.split("/", 1)[1])
-        return AdapterSpec.from_json(text) if text else None
-
     def _write_round_metrics(
         self, conn: Any, round_id: int, records: Sequence[UpdateRecord]
     ) -> None:
@@ -491,55 +373,11 @@ class Coordinator:
                 [(round_id, family, tier, k, v) for k, v in rows.items()],
             )
 
-    # -- downloads and status ---------------------------------------------------------------
-    def download(self, name: str, client: ClientRecord) -> tuple[bytes, int]:
-        """Safetensors bytes of the latest model ``name`` as seen by ``client``; (bytes, version)."""
-        latest = self.storage.latest_model(name)
-        if latest is None:
-            raise ApiError(404, "no_such_model", f"no model {name!r} on this server")
-        version, digest = latest
-        data = self.storage.blobs.get(digest)
-        spec = AdapterSpec.from_json(client.spec_json)
-        if name != GLOBAL and self.strategy.per_client_views:
-            tensors = decode_payload(data).tensors
-            view = self.strategy.download_view(tensors, spec)
-            if view is not tensors:
-                data = self._encode_model(name, version, view, self._family_spec(name))
-        self.storage.add_counter("bytes_out", len(data))
-        return data, version
-
     def status(self) -> dict[str, Any]:
-        rounds = []
-        for r in self.storage.rounds():
-            ups = self.storage.updates(r.round_id)
-            rounds.append({
-                "round": r.round_id, "state": r.state, "opened_at": r.opened_at, "deadline": r.deadline,
-                "closed_at": r.closed_at, "extensions": r.extensions, "participants": sorted(u.client_id for u in ups),
-                "families": sorted({u.family for u in ups}), "bytes_in": sum(u.nbytes for u in ups),
-                "summary": r.summary,
-            })  # fmt: skip
-        clients = self.storage.query(
-            "SELECT family, tier, COUNT(*) AS n FROM clients GROUP BY family, tier"
-        )
-        metrics = self.storage.query(
-            "SELECT * FROM round_metrics ORDER BY round_id, family, tier, key"
-        )
-        per_family: dict[str, dict[str, Any]] = {}
-        for m in metrics:
-            fam = per_family.setdefault(m["family"], {})
-            fam.setdefault(str(m["round_id"]), {}).setdefault(m["tier"], {})[m["key"]] = m["value"]
-        return {
-            "strategy": self.strategy.name,
-            "current": self.round_info(),
-            "rounds": rounds,
-            "clients": [
-                {"family": c["family"], "tier": c["tier"], "count": c["n"]} for c in clients
-            ],
-            "bytes_in": self.storage.counter("bytes_in"),
-            "bytes_out": self.storage.counter("bytes_out"),
-            "uploads": self.storage.counter("uploads"),
-            "metrics": per_family,
-        }
+        """Rounds, participants, clients per family/tier, bytes in/out, per-family metrics."""
+        from .status import build_status
+
+        return build_status(self)
 
 
 class IdempotentRetry(Exception):

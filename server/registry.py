@@ -1,0 +1,181 @@
+"""Client registration, authentication, family pinning and model downloads.
+
+``Registry`` is the half of the coordinator that deals with clients and stored models; the
+round state machine (``rounds.Coordinator``) extends it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+from edgetune.protocol import (
+    META_FAMILY,
+    META_KIND,
+    META_ROUND,
+    META_SPEC,
+    PAYLOAD_FAMILY,
+    PAYLOAD_GLOBAL,
+    AdapterSpec,
+    ProtocolError,
+    decode_payload,
+    encode_payload,
+    initial_tensors,
+)
+
+from .aggregation import TensorDict
+from .config import ServerConfig
+from .storage import ClientRecord, Storage
+from .strategy import GLOBAL, Strategy, family_model
+from .validation import ApiError
+
+log = logging.getLogger("edgetune.server")
+
+
+def hash_token(token: str) -> str:
+    """sha256 of a high-entropy random token (no salt/KDF needed for 256-bit secrets)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def log_event(event: str, **fields: Any) -> None:
+    """One structured log line (JSON via ``cli.JsonFormatter``)."""
+    log.info(event, extra={"event": event, "fields": fields})
+
+
+class Registry:
+    """Auth, registration and downloads; subclasses provide ``_txn`` and ``_later``."""
+
+    config: ServerConfig
+    storage: Storage
+    strategy: Strategy
+    _join_hash: str
+    _lock: threading.Lock
+    _txn: Callable[[], AbstractContextManager[Any]]
+    _later: Callable[..., None]
+
+    # -- auth ------------------------------------------------------------------------------
+    def check_join_token(self, token: str) -> None:
+        if not hmac.compare_digest(hash_token(token), self._join_hash):
+            raise ApiError(401, "invalid_join_token", "the join token is not valid for this server")
+
+    def authenticate(self, token: str) -> ClientRecord:
+        digest = hash_token(token)
+        found = self.storage.client_by_token_hash(digest)
+        if found is None or not hmac.compare_digest(found[1], digest):
+            raise ApiError(
+                401, "invalid_token", "bearer token is not a token issued by this server"
+            )
+        return found[0]
+
+    def check_status_token(self, token: str) -> None:
+        """Status is readable with the join token or any client token."""
+        if hmac.compare_digest(hash_token(token), self._join_hash):
+            return
+        self.authenticate(token)
+
+    # -- registration ----------------------------------------------------------------------
+    def register(self, join_token: str, spec_data: Mapping[str, Any], tier: str) -> dict[str, Any]:
+        self.check_join_token(join_token)
+        try:
+            spec = AdapterSpec.from_dict(spec_data)
+        except ProtocolError as exc:
+            raise ApiError(422, exc.code, exc.message) from exc
+        client_id, token = f"c-{secrets.token_hex(8)}", secrets.token_urlsafe(32)
+        with self._lock, self._txn() as c:
+            pinned_json = self.storage.family_spec(spec.family)
+            pinned = AdapterSpec.from_json(pinned_json) if pinned_json else None
+            reason = self.strategy.check_spec(spec, pinned)
+            if reason is not None:
+                raise ApiError(409 if pinned else 422, "spec_mismatch", reason)
+            if pinned is None:
+                self._pin_family(c, spec)
+            c.execute(
+                "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    client_id,
+                    hash_token(token),
+                    spec.family,
+                    tier,
+                    spec.to_json(),
+                    spec.spec_hash,
+                    time.time(),
+                ),
+            )
+        log_event("client_registered", client=client_id, family=spec.family, tier=tier)
+        return {
+            "client_id": client_id,
+            "token": token,
+            "family": spec.family,
+            "spec": spec.to_dict(),
+            "tier": tier,
+        }
+
+    def _pin_family(self, conn: Any, spec: AdapterSpec) -> None:
+        glob, fam = initial_tensors(spec, self.config.seed)
+        if self.strategy.uses_global:
+            schema = json.dumps({n: list(t.shape) for n, t in sorted(glob.items())})
+            row = conn.execute("SELECT value FROM meta WHERE key='global_schema'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('global_schema', ?)", (schema,))
+                self._put_model(conn, GLOBAL, 0, glob, spec=None)
+            elif row[0] != schema:
+                raise ApiError(
+                    409,
+                    "global_mismatch",
+                    f"global branch {schema} != pinned {row[0]} (rank/anchors)",
+                )
+        conn.execute(
+            "INSERT INTO families VALUES (?, ?, ?, ?)",
+            (spec.family, spec.to_json(), spec.family_key(), time.time()),
+        )
+        self._put_model(conn, family_model(spec.family), 0, fam, spec=spec)
+        self._later("family_pinned", family=spec.family, spec_hash=spec.spec_hash)
+
+    def _encode_model(
+        self, name: str, version: int, tensors: TensorDict, spec: AdapterSpec | None
+    ) -> bytes:
+        meta = {
+            META_KIND: PAYLOAD_GLOBAL if name == GLOBAL else PAYLOAD_FAMILY,
+            META_ROUND: str(version),
+        }
+        if spec is not None:
+            meta.update({META_FAMILY: spec.family, META_SPEC: spec.to_json()})
+        return encode_payload(tensors, meta)
+
+    def _put_model(
+        self, conn: Any, name: str, version: int, tensors: TensorDict, spec: AdapterSpec | None
+    ) -> None:
+        data = self._encode_model(name, version, tensors, spec)
+        digest = self.storage.blobs.put(data)
+        conn.execute("INSERT INTO models VALUES (?, ?, ?, ?)", (name, version, digest, len(data)))
+
+    def _family_spec(self, name: str) -> AdapterSpec | None:
+        if name == GLOBAL:
+            return None
+        text = self.storage.family_spec(name.split("/", 1)[1])
+        return AdapterSpec.from_json(text) if text else None
+
+    # -- downloads and status ---------------------------------------------------------------
+    def download(self, name: str, client: ClientRecord) -> tuple[bytes, int]:
+        """Safetensors bytes of the latest model ``name`` as seen by ``client``; (bytes, version)."""
+        latest = self.storage.latest_model(name)
+        if latest is None:
+            raise ApiError(404, "no_such_model", f"no model {name!r} on this server")
+        version, digest = latest
+        data = self.storage.blobs.get(digest)
+        spec = AdapterSpec.from_json(client.spec_json)
+        if name != GLOBAL and self.strategy.per_client_views:
+            tensors = decode_payload(data).tensors
+            view = self.strategy.download_view(tensors, spec)
+            if view is not tensors:
+                data = self._encode_model(name, version, view, self._family_spec(name))
+        self.storage.add_counter("bytes_out", len(data))
+        return data, version
