@@ -108,7 +108,7 @@ def _bench_size(n: int) -> dict[str, Any]:
         "pure_projection": lambda: fedadapter(glob, updates, beta=0.5, project=True, seed=1),
         "strategy_with_reply_checks": lambda: strat.aggregate_round(1, state, updates, specs),
     }
-    reps = 5 if n <= 100 else 3
+    reps = 5
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(reps):
         for name, fn in variants.items():
