@@ -49,8 +49,9 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    import bitsandbytes
     import transformers
+
+    bitsandbytes = quant.bnb_module()  # mutes its import-time advice to install `kernels`
 
     mine = ["edgetune/quant.py", "edgetune/zoo.py", "bench/bench_quant.py"]
     return {

@@ -1,6 +1,6 @@
 """Quantized frozen backbones: bitsandbytes int8 / nf4 / fp4 linears, a start-up probe, memory.
 
-`quantize_backbone(backbone, mode)` swaps the *instances* of the backbone's `nn.Linear` layers
+`apply_quant(backbone, mode)` (what `load_backbone(..., quant=)` calls) swaps the *instances* of the backbone's `nn.Linear` layers
 (and GPT-2's `Conv1D`) for `bnb.nn.Linear8bitLt` / `bnb.nn.Linear4bit`; embeddings, norms,
 convolutions and heads (`lm_head`, `pooler`, `classifier`, ...) stay full precision. The spec's
 fingerprint is computed by the loader before this runs, so every tier of a backbone is one family.
@@ -31,11 +31,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from edgetune.errors import ZooError
+
+if TYPE_CHECKING:
+    from edgetune.zoo import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -337,12 +341,12 @@ def resolve_quant(
 
 
 def apply_quant(
-    backbone,
+    backbone: Backbone,
     mode: str,
     device: str = "cpu",
     compute_dtype: torch.dtype | str | None = None,
     strict: bool = False,
-):
+) -> Backbone:
     """Quantize a loaded `Backbone` in place (after its spec fingerprinted the fp32 weights).
 
     Sets `backbone.quant` to the mode in use and `backbone.extras["quant"]` to the details.
@@ -482,7 +486,11 @@ def memory_table(name: str, quants: tuple[str, ...] = ("none", "int8", "nf4")) -
 
 
 def make_train_step(
-    backbone, adapter: str = "head", batch_size: int = 8, seq_len: int = 64, lr: float = 1e-2
+    backbone: Backbone,
+    adapter: str = "head",
+    batch_size: int = 8,
+    seq_len: int = 64,
+    lr: float = 1e-2,
 ) -> tuple[Callable[[], float], list[nn.Parameter]]:
     """A closure running one training step on a fixed random batch; returns it and the
     trainable tensors. The loss is cross-entropy of a linear head on mean-pooled outputs.
