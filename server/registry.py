@@ -60,6 +60,8 @@ class Registry:
     _lock: threading.Lock
     _txn: Callable[[], AbstractContextManager[Any]]
     _later: Callable[..., None]
+    _counter_lock: threading.Lock
+    _bytes_out_pending: int
 
     # -- auth ------------------------------------------------------------------------------
     def check_join_token(self, token: str) -> None:
@@ -177,5 +179,18 @@ class Registry:
             view = self.strategy.download_view(tensors, spec)
             if view is not tensors:
                 data = self._encode_model(name, version, view, self._family_spec(name))
-        self.storage.add_counter("bytes_out", len(data))
+        with self._counter_lock:
+            self._bytes_out_pending += len(data)
         return data, version
+
+    def flush_counters(self) -> None:
+        """Persist download byte counts (batched: a download costs no fsync of its own; a
+        SIGKILL loses at most one scheduler tick of this statistic, never model state)."""
+        with self._counter_lock:
+            pending, self._bytes_out_pending = self._bytes_out_pending, 0
+        if pending:
+            self.storage.add_counter("bytes_out", pending)
+
+    def bytes_out(self) -> int:
+        with self._counter_lock:
+            return self.storage.counter("bytes_out") + self._bytes_out_pending

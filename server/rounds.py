@@ -60,6 +60,8 @@ class Coordinator(Registry):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._events = _Events()
+        self._counter_lock = threading.Lock()
+        self._bytes_out_pending = 0
         self._open_first_round()
         removed = storage.collect_garbage()
         if removed:
@@ -89,12 +91,14 @@ class Coordinator(Registry):
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.flush_counters()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self.config.tick_s)
             self._wake.clear()
             try:
+                self.flush_counters()
                 self.step()
             except Exception:  # keep serving; the failure is logged with its traceback
                 log.exception("round step failed")

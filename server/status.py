@@ -49,7 +49,7 @@ def build_status(coord: Coordinator) -> dict[str, Any]:
         "rounds": _rounds(coord),
         "clients": [{"family": c["family"], "tier": c["tier"], "count": c["n"]} for c in clients],
         "bytes_in": coord.storage.counter("bytes_in"),
-        "bytes_out": coord.storage.counter("bytes_out"),
+        "bytes_out": coord.bytes_out(),
         "uploads": coord.storage.counter("uploads"),
         "metrics": _metrics(coord),
     }
