@@ -71,6 +71,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 
 PROTOCOL_VERSION = 1
@@ -249,7 +250,7 @@ class AdapterSpec:
     def from_json(cls, text: str) -> AdapterSpec:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ProtocolError("bad_spec", f"spec is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
@@ -427,7 +428,7 @@ def parse_header(data: bytes) -> tuple[dict[str, str], dict[str, TensorEntry]]:
         )
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError("not_safetensors", f"header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise ProtocolError("not_safetensors", "header is not a JSON object")
@@ -457,7 +458,7 @@ def decode_payload(data: bytes) -> Payload:
     metadata, _ = parse_header(data)
     try:
         tensors = _st_load(bytes(data))
-    except Exception as exc:  # safetensors raises its own SafetensorError type
+    except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ProtocolError(
             "not_safetensors", f"safetensors could not load the payload: {exc}"
         ) from exc
@@ -546,7 +547,7 @@ def _parse_int(key: str, text: str, code: str) -> int:
 def _parse_metrics(text: str) -> dict[str, float]:
     try:
         raw = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError("bad_metrics", f"{META_METRICS} is not JSON: {exc}") from exc
     if not isinstance(raw, dict) or len(raw) > MAX_METRICS:
         raise ProtocolError(

@@ -105,6 +105,7 @@ def _raw(header: dict, data: bytes) -> bytes:
         (struct.pack("<Q", 1 << 60) + b"{}", "header_too_large"),
         (struct.pack("<Q", 100) + b"{}", "truncated_payload"),
         (struct.pack("<Q", 2) + b"[]", "not_safetensors"),
+        (struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000, "not_safetensors"),
         (
             _raw({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"1234"),
             "truncated_payload",
