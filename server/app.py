@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,6 +26,7 @@ from .strategy import GLOBAL, family_model
 from .validation import ApiError
 
 OCTET = "application/octet-stream"
+MAX_JSON_BYTES = 1024 * 1024  # cap for JSON control bodies (registration)
 _BINARY_BODY = {
     "requestBody": {
         "required": True,
@@ -88,6 +89,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _parse_register(raw: bytes) -> RegisterRequest:
+    try:
+        return RegisterRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid body"}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise ApiError(422, "bad_request", f"{where}: {first.get('msg', 'invalid')}") from exc
+
+
 def create_app(coord: Coordinator, *, run_scheduler: bool = True) -> FastAPI:
     """The FastAPI app over a coordinator; the round scheduler runs for the app's lifetime."""
 
@@ -144,10 +154,24 @@ def _install_routes(app: FastAPI, coord: Coordinator) -> None:
         """Liveness: no auth, no state access beyond the process."""
         return {"status": "ok", "protocol": PROTOCOL_VERSION, "version": edgetune.__version__}
 
-    @app.post("/v1/register", status_code=201, response_model=RegisterResponse, tags=["clients"])
-    async def register(body: RegisterRequest, request: Request) -> dict[str, Any]:
+    register_body = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": RegisterRequest.model_json_schema()}},
+        }
+    }
+
+    @app.post(
+        "/v1/register",
+        status_code=201,
+        response_model=RegisterResponse,
+        openapi_extra=register_body,
+        tags=["clients"],
+    )
+    async def register(request: Request) -> dict[str, Any]:
         """Exchange the join token (``Authorization: Bearer <join token>``) for a client token."""
         join = _bearer(request)
+        body = _parse_register(await _read_body(request, MAX_JSON_BYTES))
         return await run_in_threadpool(coord.register, join, body.spec, body.tier)
 
     @app.get("/v1/rounds/current", tags=["rounds"])
