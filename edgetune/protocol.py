@@ -49,6 +49,7 @@ HTTP flow (all under ``/v1``; errors are JSON ``{"error": code, "detail": messag
    state, deadline, ``accepting``, ``downloads`` and the ``upload`` path.
 3. ``GET /v1/global`` and ``GET /v1/families/<family>`` -> safetensors (header
    ``X-EdgeTune-Version``: the round that produced it, 0 = initial). Load them, train.
+   ``?version=N`` returns the model as it was after round N (evaluate every version, no race).
 4. ``PUT /v1/rounds/<round>/updates/<client_id>`` with body
    ``encode_update(tensors, spec, round, num_samples, metrics)`` and
    ``Content-Type: application/octet-stream`` -> 201; an identical retry -> 200; a different

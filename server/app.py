@@ -181,10 +181,10 @@ def _install_routes(app: FastAPI, coord: Coordinator) -> None:
         return await run_in_threadpool(coord.round_info, client)
 
     @app.get("/v1/global", response_class=Response, responses=_BINARY_RESPONSE, tags=["models"])
-    async def download_global(request: Request) -> Response:
-        """Latest global branch (``global.*`` tensors) as safetensors."""
+    async def download_global(request: Request, version: int | None = None) -> Response:
+        """Global branch (``global.*``) as safetensors: latest, or as of round ``version``."""
         client = await client_of(request)
-        data, version = await run_in_threadpool(coord.download, GLOBAL, client)
+        data, version = await run_in_threadpool(coord.download, GLOBAL, client, version)
         return Response(data, media_type=OCTET, headers={"X-EdgeTune-Version": str(version)})
 
     @app.get(
@@ -193,10 +193,13 @@ def _install_routes(app: FastAPI, coord: Coordinator) -> None:
         responses=_BINARY_RESPONSE,
         tags=["models"],
     )
-    async def download_family(family: str, request: Request) -> Response:
-        """Latest family bundle (``family.*`` / ``lora.*`` tensors) as safetensors."""
+    async def download_family(
+        family: str, request: Request, version: int | None = None
+    ) -> Response:
+        """Family bundle (``family.*`` / ``lora.*``): latest, or as of round ``version``."""
         client = await client_of(request)
-        data, version = await run_in_threadpool(coord.download, family_model(family), client)
+        name = family_model(family)
+        data, version = await run_in_threadpool(coord.download, name, client, version)
         return Response(data, media_type=OCTET, headers={"X-EdgeTune-Version": str(version)})
 
     @app.put(

@@ -166,11 +166,15 @@ class Registry:
         return AdapterSpec.from_json(text) if text else None
 
     # -- downloads and status ---------------------------------------------------------------
-    def download(self, name: str, client: ClientRecord) -> tuple[bytes, int]:
-        """Safetensors bytes of the latest model ``name`` as seen by ``client``; (bytes, version)."""
-        latest = self.storage.latest_model(name)
+    def download(
+        self, name: str, client: ClientRecord, as_of: int | None = None
+    ) -> tuple[bytes, int]:
+        """Safetensors bytes of model ``name`` as seen by ``client``: the latest, or as it was
+        after round ``as_of`` (newest version <= as_of). Returns (bytes, version)."""
+        latest = self.storage.latest_model(name, as_of)
         if latest is None:
-            raise ApiError(404, "no_such_model", f"no model {name!r} on this server")
+            what = f"model {name!r}" + ("" if as_of is None else f" at or before round {as_of}")
+            raise ApiError(404, "no_such_model", f"no {what} on this server")
         version, digest = latest
         data = self.storage.blobs.get(digest)
         spec = AdapterSpec.from_json(client.spec_json)

@@ -295,9 +295,13 @@ class Storage:
         )
 
     # -- models --------------------------------------------------------------------------
-    def latest_model(self, name: str) -> tuple[int, str] | None:
+    def latest_model(self, name: str, as_of: int | None = None) -> tuple[int, str] | None:
+        """(version, sha256) of the newest model ``name``, or the newest with version <= as_of."""
+        bound = (1 << 62) if as_of is None else as_of
         rows = self.query(
-            "SELECT version, sha256 FROM models WHERE name=? ORDER BY version DESC LIMIT 1", (name,)
+            "SELECT version, sha256 FROM models WHERE name=? AND version<=? "
+            "ORDER BY version DESC LIMIT 1",
+            (name, bound),
         )
         return (rows[0]["version"], rows[0]["sha256"]) if rows else None
 

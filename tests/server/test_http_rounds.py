@@ -9,6 +9,8 @@ import httpx
 import torch
 from edgetune.server.aggregation import ClientUpdate, fedadapter
 
+from edgetune.protocol import decode_payload
+
 from .conftest import JOIN_TOKEN, ApiClient, random_update, small_spec, wait_for_round
 
 
@@ -56,6 +58,15 @@ def test_three_clients_two_families_two_rounds(live_server, tmp_path: Path) -> N
         fam_b = clients[2].download("family")
         for k, v in expected.families["fam-b"].items():
             assert torch.equal(fam_b[k], v), k
+    # every version stays downloadable: ?version=N is the model as of round N
+    r = clients[0].http.get("/v1/global", params={"version": 1}, headers=clients[0].headers)
+    assert r.headers["X-EdgeTune-Version"] == "1"
+    r = clients[0].http.get("/v1/families/fam-a", params={"version": 0}, headers=clients[0].headers)
+    assert torch.equal(
+        decode_payload(r.content).tensors["family.layer0.D"], fam_init[0]["family.layer0.D"]
+    )
+    r = clients[0].http.get("/v1/families/nope", headers=clients[0].headers)
+    assert r.status_code == 404 and r.json()["error"] == "no_such_model"
     status = httpx.get(f"{srv.url}/v1/status", headers=ApiClient.auth(JOIN_TOKEN)).json()
     assert [r["state"] for r in status["rounds"]] == ["closed", "closed", "open"]
     assert (
