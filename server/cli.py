@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +36,11 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("edgetune")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    for name in ("edgetune", "uvicorn", "uvicorn.error"):  # uvicorn's own lines as JSON too
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,7 +127,7 @@ def serve(
     rec = coord.current_round()
     log.info("server starting", extra={"event": "server_start", "fields": {
         "host": config.host, "port": config.port, "state": str(state), "strategy": config.strategy,
-        "round": rec.round_id, "round_state": rec.state, "tls": certfile is not None, "ts_wall": time.time()}})  # fmt: skip
+        "round": rec.round_id, "round_state": rec.state, "tls": certfile is not None}})  # fmt: skip
     uv = uvicorn.Config(
         create_app(coord),
         host=config.host,
@@ -135,6 +135,7 @@ def serve(
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
         log_level=config.log_level.lower(),
+        log_config=None,  # keep the JSON handlers installed by setup_logging
         access_log=False,
         timeout_graceful_shutdown=5,
     )
