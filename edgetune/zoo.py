@@ -349,10 +349,11 @@ def load_backbone(
 
 
 def _check_device(device: str) -> None:
+    """Fail before loading when torch cannot allocate on `device` (unknown string, no CUDA)."""
     try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ZooError(f"device={device!r} is not a torch device: {err}") from err
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, TypeError) as err:
+        raise ZooError(f"device={device!r} is not usable here: {err}") from err
 
 
 def _load_unquantized(name_or_path: str, **options: object) -> Backbone:

@@ -158,6 +158,7 @@ def test_probe_runs_forward_and_backward_once_per_process(fresh_probes):
         ({"quant": "nf8"}, "quant='nf8'"),
         ({"quant": "nf4", "compute_dtype": "float64"}, "compute_dtype='float64'"),
         ({"device": "nosuchdevice"}, "device='nosuchdevice'"),
+        ({"quant": "nf4", "device": "cuda:99"}, "device='cuda:99' is not usable"),
     ],
 )
 def test_bad_options_raise_clear_errors(options, message):
