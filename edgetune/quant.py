@@ -218,11 +218,10 @@ def _own_full_precision_storage(model: nn.Module) -> None:
     just quantized (86 MB for MiniLM-L6). Copying the embeddings, norms and biases lets the
     mapping go. Tied parameters are one object, so they stay tied.
     """
-    for param in model.parameters():
-        if type(param) is nn.Parameter:  # not bitsandbytes' Params4bit / Int8Params
-            param.data = param.data.clone()
-    for buffer in model.buffers():
-        buffer.data = buffer.data.clone()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        # not bitsandbytes' Params4bit / Int8Params; off-CPU tensors were copied by .to()
+        if type(tensor) in (nn.Parameter, torch.Tensor) and tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
     gc.collect()
     _malloc_trim()
 
@@ -292,7 +291,7 @@ def probe_quant(
         except Exception as err:
             result = ProbeResult(mode, str(device), ok=False, reason=_one_line(err))
         else:
-            ok = min(out_cos, grad_cos) >= PROBE_MIN_COSINE  # NaN compares False
+            ok = out_cos >= PROBE_MIN_COSINE and grad_cos >= PROBE_MIN_COSINE  # NaN fails
             reason = "" if ok else f"wrong numbers: cosine out {out_cos:.3f}, grad {grad_cos:.3f}"
             result = ProbeResult(
                 mode, str(device), ok, reason, out_cos, grad_cos, time.perf_counter() - start
