@@ -11,7 +11,15 @@ one a call would take.
 import torch
 from torch import Tensor
 
-from .op import KERNEL_ENV, PATHS, active_path, adapter_backward_flops, adapter_flops
+from .op import (
+    KERNEL_ENV,
+    PATHS,
+    EagerFusedAdapter,
+    active_path,
+    adapter_backward_flops,
+    adapter_flops,
+    eager_fast_path_ok,
+)
 from .reference import reference_adapter
 
 __all__ = [
@@ -20,6 +28,7 @@ __all__ = [
     "active_path",
     "adapter_backward_flops",
     "adapter_flops",
+    "eager_fast_path_ok",
     "fused_adapter",
     "reference_adapter",
 ]
@@ -56,5 +65,8 @@ def fused_adapter(
         if residual.dtype != x.dtype:
             raise TypeError(f"fused_adapter: residual dtype {residual.dtype} != x dtype {x.dtype}")
         res2 = residual.reshape(-1, residual.shape[-1])
-    out = torch.ops.edgetune.fused_adapter(x2, *params, float(scale), res2)
+    if eager_fast_path_ok():  # same implementations, minus the custom-op indirection (op.py)
+        out = EagerFusedAdapter.apply(x2, *params, float(scale), res2)
+    else:
+        out = torch.ops.edgetune.fused_adapter(x2, *params, float(scale), res2)
     return out.reshape(*lead, out.shape[-1])

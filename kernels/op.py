@@ -153,6 +153,47 @@ fused_adapter_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
+# Eager fast path. Calling a torch.library custom op from Python costs ~75 us forward and
+# ~0.3 ms forward+backward on this CPU (dispatcher round trips, the generated autograd node,
+# schema checks), which is as much as the whole adapter at T=512, d=384. In plain eager mode
+# the public wrapper therefore runs the *same* implementations through this autograd.Function;
+# whenever anything could be watching (torch.compile / export, FlopCounterMode or any other
+# dispatch or torch-function mode, functorch transforms, jit tracing) it calls the registered
+# op instead, so tracers see one opaque node and the FLOP formula applies.
+# ---------------------------------------------------------------------------------------------
+
+
+def eager_fast_path_ok() -> bool:
+    """True when nothing traces or intercepts ops, so the custom-op indirection can be skipped."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or torch.jit.is_tracing()
+    )
+
+
+class EagerFusedAdapter(torch.autograd.Function):
+    """autograd.Function over the dispatched implementations (see eager_fast_path_ok)."""
+
+    @staticmethod
+    def forward(ctx, x, D, b_D, C, q, alpha, U, b_U, scale, residual):
+        ctx.path = _resolve(x.device)
+        ctx.save_for_backward(x, D, b_D, C, q, alpha, U, b_U)
+        ctx.scale = scale
+        ctx.has_residual = residual is not None
+        return _forward_impl(ctx.path)(x, D, b_D, C, q, alpha, U, b_U, scale, residual)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        need_dx = bool(ctx.needs_input_grad[0])
+        grads = _backward_impl(ctx.path)(grad, *ctx.saved_tensors, ctx.scale, need_dx=need_dx)
+        return (*grads, None, grad if ctx.has_residual else None)
+
+
+# ---------------------------------------------------------------------------------------------
 # FLOP formula (GEMM FLOPs only, FlopCounterMode's convention: elementwise work is not counted).
 # Forward, the three GEMM stages of the math:
 #   x @ D: 2*T*K*r,   z @ C_b for every branch: 2*T*n*r*r,   u @ U: 2*T*r*N

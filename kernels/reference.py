@@ -7,7 +7,6 @@ through ordinary autograd and deliberately does nothing clever: no folding, no r
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -68,11 +67,14 @@ def reference_backward(
     scale: float,
     need_dx: bool = True,
 ) -> tuple[Tensor | None, ...]:
-    """(dx, dD, db_D, dC, dq, dalpha, dU, db_U) by fp64 autograd through the reference loop."""
+    """(dx, dD, db_D, dC, dq, dalpha, dU, db_U) computed in fp64, cast back.
+
+    Uses the hand-derived formulas of the PyTorch path (gradchecked against autograd through
+    `reference_adapter` in the tests) rather than autograd itself: this runs inside a
+    torch.library op, below the autograd dispatch key, where autograd cannot record.
+    """
+    from .torch_path import torch_backward
+
     inputs = (x, D, b_D, C, q, alpha, U, b_U)
-    with torch.enable_grad():
-        leaves = [t.detach().double().requires_grad_() for t in inputs]
-        out = reference_adapter(*leaves, scale)
-        grads = torch.autograd.grad(out, leaves, grad.double())
-    cast = [g.to(t.dtype) for g, t in zip(grads, inputs)]
-    return (cast[0] if need_dx else None, *cast[1:])
+    grads = torch_backward(grad.double(), *(t.double() for t in inputs), scale, need_dx)
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))

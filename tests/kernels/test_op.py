@@ -223,3 +223,28 @@ def test_torch_export_sees_one_node() -> None:
     ep = torch.export.export(Adapter(), (torch.randn(2, 3, 16),))
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert torch.ops.edgetune.fused_adapter.default in targets
+
+
+@pytest.mark.parametrize("path", ["torch", "triton", "reference"])
+def test_custom_op_and_eager_fast_path_agree(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registered op (what tracers see) and the eager autograd.Function run the same code."""
+    monkeypatch.setenv(KERNEL_ENV, path)
+    case = Case(9, 16, 8, 3, True, True, torch.float32, d_out=12)
+    results = []
+    for call in ("eager", "op"):
+        ts = _tensors(case, torch.float32)
+        if call == "eager":
+            assert op.eager_fast_path_ok()
+            out = fused_adapter(*ts[:8], SCALE, ts[8])
+        else:
+            out = torch.ops.edgetune.fused_adapter(*ts[:8], SCALE, ts[8])
+        out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [t.grad for t in ts])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fast_path_steps_aside_under_dispatch_modes() -> None:
+    assert op.eager_fast_path_ok()
+    with FlopCounterMode(display=False):
+        assert not op.eager_fast_path_ok()
