@@ -89,24 +89,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Smoke of the offline zoo and data (repointed to `simulate` once it exists)."""
-    from edgetune.data import load_dataset
-    from edgetune.partition import dirichlet_partition, label_skew, partition_summary
-    from edgetune.zoo import embed_texts, load_backbone
-
-    dataset = load_dataset("fortunes")
-    print(dataset.class_counts(), "\n")
-    parts = dirichlet_partition(dataset.train.labels, 6, 0.5, seed=0)
-    print(partition_summary(dataset.train.labels, parts, dataset.classes))
-    print(f"label skew {label_skew(dataset.train.labels, parts):.3f}\n")
-    for name in ("minilm-l6", "minilm-l3"):
-        backbone = load_backbone(name)
-        emb = embed_texts(backbone, [*dataset.test.inputs[:2], "An unrelated sentence about cats."])
-        print(
-            f"{name}: family {backbone.spec.family}, {backbone.spec.num_layers} layers, "
-            f"fingerprint {backbone.spec.fingerprint}, embedding dim {emb.shape[1]}"
-        )
-    return 0
+    """The main job on the embedded default: `simulate` with configs/demo.toml."""
+    args.config, args.strategy = DEMO_CONFIG, None
+    args.overrides = args.overrides or []
+    return _cmd_simulate(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=_cmd_data)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded default config")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(func=_cmd_demo)
 
     _register_optional(sub)
@@ -180,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     try:
         return int(args.func(args) or 0)
     except EdgeTuneError as err:

@@ -295,17 +295,25 @@ class ClientRuntime:
         with (self.settings.state_dir / "rounds.jsonl").open("a") as handle:
             handle.write(json.dumps(line) + "\n")
 
-    def download_models(self, info: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Load the server's global and family tensors; returns the global branch as received."""
+    def download_models(
+        self, info: dict[str, Any], version: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Load the server's global and family tensors (the latest, or as of round `version`).
+
+        Returns the global branch as received (the reference its delta is computed against).
+        """
         downloads = info["downloads"]
-        family, _ = self.server.download(downloads["family"])
+        query = "" if version is None else f"?version={version}"
+        family, _ = self.server.download(downloads["family"] + query)
         if self.settings.kind == "flora":
-            self._fold_flora(family, int(info.get("family_version") or 0))
+            self._fold_flora(
+                family, int(info.get("family_version") or 0) if version is None else version
+            )
         else:
             self.load_family(family)
         if "global" not in downloads:
             return {}
-        glob, _ = self.server.download(downloads["global"])
+        glob, _ = self.server.download(downloads["global"] + query)
         self.handle.load_group("global", glob)
         return glob
 

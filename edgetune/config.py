@@ -232,3 +232,67 @@ def load_sim_config(path: str | Path | None, overrides: list[str] = ()) -> SimCo
                 raise ConfigError(f"--set {text!r}: {part} is not a section")
         target[keys[-1]] = value
     return sim_config_from_dict(raw)
+
+
+_DOCS = {
+    "rounds": "federated rounds",
+    "strategy": f"one of {', '.join(STRATEGIES)}",
+    "seed": "seeds the split, partition, server init and training",
+    "data.dataset": "fortunes, mnist5k, digits or a .csv/.jsonl path",
+    "data.categories": "fortunes categories (classes)",
+    "data.max_per_class": "cap per class, 0 = all",
+    "data.alpha": "Dirichlet label-skew concentration",
+    "data.test_fraction": "shared test split",
+    "data.local_holdout": "share of each client's data for personal evaluation",
+    "data.eval_samples": "test samples for the global evaluation, 0 = all",
+    "adapter.rank": "r, the common rank of every branch",
+    "adapter.branches": "subset of global/family/private",
+    "adapter.n_anchors": "K global anchor slots",
+    "adapter.gate": "layer or token mixing weights",
+    "adapter.scale": "s, the output scale",
+    "adapter.blocks": "'all', 'from:N' or a list of blocks",
+    "adapter.dropout": "dropout on the adapter input",
+    "lora.rank": "LoRA rank (baselines)",
+    "lora.alpha": "LoRA alpha (scaling alpha/rank)",
+    "lora.targets": "module names to adapt",
+    "lora.dropout": "LoRA dropout",
+    "train.epochs": "local epochs per round",
+    "train.batch_size": "local batch size",
+    "train.lr": "AdamW learning rate",
+    "train.weight_decay": "AdamW weight decay",
+    "train.max_length": "token truncation",
+    "train.time_budget_s": "stop local training after this many seconds, 0 = none",
+    "train.seed": "shuffling seed (per client: seed * 1000 + index)",
+    "server.round_timeout_s": "deadline of a round",
+    "server.beta": "family balance of the merge",
+    "server.eta": "server step on the global branch",
+    "server.project_conflicts": "remove conflicting global deltas",
+    "server.min_clients": "quorum, 0 = all",
+    "[[group]].backbone": "zoo name or model folder",
+    "[[group]].quant": "none, int8, nf4 or fp4",
+    "[[group]].count": "clients in this tier",
+    "[[group]].rank": "per-tier rank, 0 = the run's",
+}
+
+
+def config_reference() -> str:
+    """The TOML reference of every key with its type and default, as the README shows it."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(SimConfig):
+        if f.name not in _SECTIONS and f.name != "groups":
+            rows.append(_reference_row(f.name, f))
+    for section, cls in _SECTIONS.items():
+        rows += [_reference_row(f"{section}.{f.name}", f) for f in dataclasses.fields(cls)]
+    rows += [_reference_row(f"[[group]].{f.name}", f) for f in dataclasses.fields(ClientGroup)]
+    return "\n".join(rows)
+
+
+def _reference_row(key: str, f: dataclasses.Field) -> str:
+    default = _default(f)
+    shown = (
+        "required"
+        if default is None
+        else repr(list(default) if isinstance(default, tuple) else default)
+    )
+    kind = str(f.type).replace("|", "or")
+    return f"| `{key}` | {kind} | `{shown}` | {_DOCS.get(key, '')} |"

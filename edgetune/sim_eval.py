@@ -65,7 +65,7 @@ class FamilyEvaluator:
             test = test.subset(keep)
         self.test = EncodedSplit(self.runtime.backbone, test, config.train.max_length)
         self.family = self.runtime.spec.family
-        self.seen: set[int] = set()
+        self.next_version = 0
         if url is not None:
             self.runtime.register()
 
@@ -88,18 +88,27 @@ class FamilyEvaluator:
     def current_round(self) -> dict[str, Any]:
         return self.runtime.server.current_round()
 
-    def evaluate_latest(self) -> dict[str, Any] | None:
-        """Evaluate the newest family version once; None when it was already evaluated."""
+    def evaluate_new(self) -> list[dict[str, Any]]:
+        """Evaluate every family version published since the last call, in order.
+
+        Versions are fetched with `?version=N`, so a round that closed while another family
+        was being evaluated is not skipped.
+        """
         info = self.current_round()
-        version = int(info.get("family_version") or 0)
-        if version in self.seen:
-            return None
-        self._clear_private()
-        self.runtime.download_models(info)
-        result = evaluate(self.runtime.task, self.test)
-        self.seen.add(version)
-        log.info("family %s version %d: test accuracy %.4f", self.family, version, result.accuracy)
-        return {"version": version, "acc": result.accuracy, "loss": result.loss}
+        # A family without participants in a round keeps its bundle, but the global branch it
+        # shares with the other families still moves: every round is a new model to evaluate.
+        latest = max(int(info.get("family_version") or 0), int(info.get("global_version") or 0))
+        results = []
+        for version in range(self.next_version, latest + 1):
+            self._clear_private()
+            self.runtime.download_models(info, version=version)
+            result = evaluate(self.runtime.task, self.test)
+            log.info(
+                "family %s version %d: test accuracy %.4f", self.family, version, result.accuracy
+            )
+            results.append({"version": version, "acc": result.accuracy, "loss": result.loss})
+        self.next_version = max(self.next_version, latest + 1)
+        return results
 
     def evaluate_initial(self) -> dict[str, Any]:
         """The round-0 model without a server (local-only runs): the server's initial tensors."""

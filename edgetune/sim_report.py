@@ -57,10 +57,11 @@ class RoundTable:
             lines = by_round.get(r, [])
             up, down = sum(x["bytes_up"] for x in lines), sum(x["bytes_down"] for x in lines)
             cumulative += up + down
-            personal = defaultdict(list)
+            personal, by_tier = defaultdict(list), defaultdict(list)
             for x in lines:
                 if "personal_acc" in x:
                     personal[x["family"]].append(x["personal_acc"])
+                    by_tier[f"{x['family']}/{x['tier']}"].append(x["personal_acc"])
             glob = self.global_acc.get(r, {})
             rows.append(
                 {
@@ -68,6 +69,7 @@ class RoundTable:
                     "global_acc": glob,
                     "global_acc_overall": mean(glob.values()) if glob else None,
                     "personal_acc": {f: mean(v) for f, v in personal.items()},
+                    "personal_acc_by_tier": {t: mean(v) for t, v in sorted(by_tier.items())},
                     "personal_acc_overall": mean(a for v in personal.values() for a in v)
                     if personal
                     else None,

@@ -191,7 +191,7 @@ class Simulation:
                 return self._run_local(table)
             self.start_server()
             evaluators = FamilyEvaluator.for_config(self.config, self.url, self.token)
-            table.record_versions({name: ev.evaluate_latest() for name, ev in evaluators.items()})
+            self._evaluate(evaluators, table)
             self.start_clients()
             self._follow(evaluators, table)
         finally:
@@ -200,26 +200,42 @@ class Simulation:
 
     def _run_local(self, table: RoundTable) -> dict[str, Any]:
         evaluators = FamilyEvaluator.for_config(self.config, None, None)
-        table.record_versions({name: ev.evaluate_initial() for name, ev in evaluators.items()})
+        for family, evaluator in evaluators.items():
+            table.record_versions({family: evaluator.evaluate_initial()})
         self.start_clients()
         self._wait_clients()
         table.collect_local_rounds()
         return table.finish(time.perf_counter() - self.started, self._client_results())
 
     def _follow(self, evaluators: dict[str, FamilyEvaluator], table: RoundTable) -> None:
-        """Evaluate every new aggregate until the server has run all rounds."""
+        """Evaluate every new aggregate until the server has run all rounds.
+
+        Clients that finished their rounds exit before the server closes the last one (it may
+        wait for a dead client's deadline), so their exit alone does not end the run; a run
+        whose server makes no progress for a whole round timeout after they exited does.
+        """
+        grace_until = None
         while True:
             info = next(iter(evaluators.values())).current_round()
-            results = {name: ev.evaluate_latest() for name, ev in evaluators.items()}
-            table.record_versions(results)
+            self._evaluate(evaluators, table)
             if info["finished"]:
                 break
             if all(p.poll() is not None for p in self.clients):
-                log.error("every client process has exited before the last round")
-                break
-            time.sleep(1.0)
+                grace_until = (
+                    grace_until or time.monotonic() + 2 * self.config.server.round_timeout_s + 30
+                )
+                if time.monotonic() > grace_until:
+                    log.error("clients exited and round %s never closed; stopping", info["round"])
+                    break
+            time.sleep(0.5)
         self._wait_clients()
-        table.record_versions({name: ev.evaluate_latest() for name, ev in evaluators.items()})
+        self._evaluate(evaluators, table)
+
+    @staticmethod
+    def _evaluate(evaluators: dict[str, FamilyEvaluator], table: RoundTable) -> None:
+        for family, evaluator in evaluators.items():
+            for result in evaluator.evaluate_new():
+                table.record_versions({family: result})
 
     def _wait_clients(self, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,107 @@
+"""`edgetune simulate` end to end: a real server and real client processes over loopback HTTP."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edgetune.config import SimConfig, config_reference, load_sim_config
+from edgetune.errors import ConfigError
+from edgetune.simulate import Simulation, run_simulation
+
+TINY = Path(__file__).parents[1] / "data" / "tiny_sim.toml"
+README = Path(__file__).parents[2] / "README.md"
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_tiny_run_over_http_writes_every_output(tmp_path):
+    summary = run_simulation(load_sim_config(TINY), tmp_path)
+    rows = _metrics(tmp_path)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    families = {"tiny-bert-d32-l2", "tiny-bert-d48-l3"}
+    for row in rows:  # every version of every family was evaluated, none skipped by a race
+        assert set(row["global_acc"]) == families
+    for row in rows[1:]:
+        assert row["clients"] == 3 and row["bytes_up"] > 0 and row["bytes_down"] > 0
+        assert row["train_gflops_est"] > 0
+    sent = sum(
+        json.loads(x)["bytes_up"]
+        for c in (tmp_path / "clients").iterdir()
+        for x in (c / "rounds.jsonl").read_text().splitlines()
+    )
+    assert summary["mb_up_total"] == pytest.approx(sent / 1e6)
+    assert summary["final_round"] == 2 and set(summary["final_global_acc"]) == families
+    for name in ("summary.json", "accuracy_vs_round.png", "accuracy_vs_mb.png", "table.txt"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert all(c["returncode"] == 0 for c in summary["clients"])
+
+
+@pytest.mark.slow
+def test_killing_a_client_mid_run_does_not_stop_it(tmp_path):
+    """SIGKILL one client while round 1 is open: both rounds close at their deadline without it.
+
+    The victim is killed as soon as it is spawned, so the test does not race its training; the
+    server cannot tell a client killed before registering from one killed while training.
+    """
+    config = load_sim_config(TINY, ["server.round_timeout_s=15.0", "rounds=2"])
+    sim = Simulation(config, tmp_path)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(sim.run()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len(sim.clients) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sim.clients[2].kill()
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    assert result["final_round"] == 2
+    rows = _metrics(tmp_path)
+    assert [r["clients"] for r in rows] == [0, 2, 2]  # each round closed at its deadline
+    assert set(rows[-1]["global_acc"]) == {"tiny-bert-d32-l2", "tiny-bert-d48-l3"}
+    assert result["clients"][2]["returncode"] != 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["strategy=fedprox"], "strategy='fedprox': allowed values are"),
+        (["train.lr=-1.0"], "train.lr"),
+        (['adapter.gate="tokens"'], "adapter.gate='tokens'"),
+        (["data.alpha=0"], "data.alpha"),
+        (["server.beta=2.0"], "server.beta"),
+        (["train.nosuchkey=1"], "unknown key"),
+        (['rounds="five"'], "rounds='five': expected a int"),
+    ],
+)
+def test_bad_config_values_fail_before_anything_starts(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sim_config(TINY, overrides)
+
+
+def test_bad_group_quant_names_allowed_values(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[group]]\nbackbone = "tiny-bert"\nquant = "int3"\n')
+    with pytest.raises(ConfigError, match=r"group.quant='int3': allowed values are"):
+        load_sim_config(path)
+
+
+def test_demo_config_loads_and_matches_the_issue():
+    from edgetune.cli import DEMO_CONFIG
+
+    config = load_sim_config(DEMO_CONFIG)
+    assert isinstance(config, SimConfig) and config.data.dataset == "fortunes"
+    assert len(config.data.categories) >= 6 and config.data.alpha == 0.5
+    tiers = sorted((g.backbone, g.quant, g.count) for g in config.groups)
+    assert tiers == [("minilm-l3", "int8", 2), ("minilm-l6", "nf4", 2), ("minilm-l6", "none", 2)]
+
+
+def test_readme_config_reference_is_current():
+    assert config_reference() in README.read_text(), (
+        "regenerate with edgetune.config.config_reference()"
+    )
