@@ -4,11 +4,11 @@ Run:  .venv/bin/python bench/bench_quant.py             (writes bench/results/qu
       .venv/bin/python bench/bench_quant.py --quick     (1 repeat, 3 timed steps)
 
 For MiniLM-L6 at each quant mode (none, int8, nf4) this measures, in one run:
-- weight bytes, exact (edgetune.quant.weight_bytes: parameters, buffers, packed 4-bit storage
+- weight bytes, exact (edgetune.quant_memory.weight_bytes: parameters, buffers, packed 4-bit storage
   and quant state), over the whole backbone and over the quantized linear layers only: the
   embeddings (30522 x 384 fp32 = 47 MB of MiniLM's 90 MB) stay full precision by design;
 - peak resident memory of one training step (rank-16 FedAdapter in every block + a 4-class
-  head, AdamW, batch x seq tokens), each in a fresh interpreter (edgetune.quant.step_memory):
+  head, AdamW, batch x seq tokens), each in a fresh interpreter (edgetune.quant_memory.step_memory):
   the kernel's high-water mark VmHWM, reset after loading and one warm-up step. Also reported:
   the same peak minus the RSS after importing torch/transformers/bitsandbytes (what the model
   and the step add), and the load peak (quantized modes load fp32 first);
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from edgetune import quant
+from edgetune import quant, quant_memory
 from edgetune.zoo import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +71,8 @@ def machine() -> dict[str, Any]:
 
 def weights(name: str, mode: str) -> dict[str, Any]:
     backbone = load_backbone(name, quant=mode, strict=True)
-    per_dtype = quant.weight_bytes(backbone.model)
-    linear = quant.linear_weight_bytes(backbone.model)
+    per_dtype = quant_memory.weight_bytes(backbone.model)
+    linear = quant_memory.linear_weight_bytes(backbone.model)
     return {
         "bytes_by_dtype": per_dtype,
         "total_bytes": sum(per_dtype.values()),
@@ -86,7 +86,7 @@ def steps(name: str, quants: list[str], args: argparse.Namespace) -> dict[str, l
     runs: dict[str, list[dict]] = {mode: [] for mode in quants}
     for repeat in range(args.repeats):
         for mode in quants:
-            result = quant.step_memory(
+            result = quant_memory.step_memory(
                 name,
                 mode,
                 adapter="fedadapter",

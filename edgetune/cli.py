@@ -23,6 +23,11 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  {description}")
         print("\nAny local Hugging Face folder (BERT, ViT, GPT-2, Llama) works as a path too.")
         return 0
+    if args.quant is not None:
+        from edgetune.quant_memory import memory_table
+
+        print(memory_table(args.name, quants=tuple(dict.fromkeys(("none", args.quant)))))
+        return 0
     backbone = load_backbone(args.name)
     if args.adapter:
         return _print_adapter_counts(backbone, args)
@@ -106,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--adapter", choices=("fedadapter", "lora"), help="print parameter counts")
     zoo.add_argument("--rank", type=int, default=16, help="adapter rank (with --adapter)")
     zoo.add_argument("--anchors", type=int, default=2, help="global anchor slots K")
+    zoo.add_argument(
+        "--quant",
+        choices=("none", "int8", "nf4", "fp4"),
+        help="print the weight memory per dtype at this quantization next to fp32",
+    )
     zoo.set_defaults(func=_cmd_zoo)
 
     data = sub.add_parser("data", help="list datasets, or show one dataset's class counts")

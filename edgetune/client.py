@@ -109,6 +109,10 @@ class ClientRuntime:
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
         self.backbone = load_backbone(settings.backbone, **_quant_options(settings.quant))
+        # After a probe fallback (e.g. nf4 -> int8) the tier reports the format actually in use.
+        self.tier = settings.tier
+        if self.backbone.quant != settings.quant:
+            self.tier = f"{self.backbone.quant}-from-{settings.quant}"
         self.dataset, train_split, holdout = load_shard(settings.shard)
         n_classes = len(self.dataset.classes)
         self.task = build_task_model(self.backbone, "classify", n_classes=n_classes)
@@ -227,12 +231,10 @@ class ClientRuntime:
     def register(self) -> None:
         if self.state.get("token"):
             return
-        reg = self.server.register(self.settings.join_token, self.spec, self.settings.tier)
+        reg = self.server.register(self.settings.join_token, self.spec, self.tier)
         self.state.update(client_id=reg.client_id, token=reg.token, family=reg.family)
         self._save_state()
-        log.info(
-            "registered as %s (family %s, tier %s)", reg.client_id, reg.family, self.settings.tier
-        )
+        log.info("registered as %s (family %s, tier %s)", reg.client_id, reg.family, self.tier)
 
     def run(self) -> dict[str, Any]:
         """Take part in rounds until the server finishes (or `max_rounds`); returns final metrics."""
@@ -287,7 +289,7 @@ class ClientRuntime:
         line = {
             "round": round_id,
             "family": self.spec.family,
-            "tier": self.settings.tier,
+            "tier": self.tier,
             "bytes_up": up,
             "bytes_down": down,
             **metrics,

@@ -134,6 +134,8 @@ class RoundTable:
                 personal_test[line].append(result["personal_test_acc"])
         n_clients = max(1, self.config.num_clients)
         total_up = sum(r["bytes_up"] for r in self.rows)
+        if self.config.strategy == "local":  # no server model exists, only personal ones
+            last = None
         return {
             "strategy": self.config.strategy,
             "rounds": self.config.rounds,

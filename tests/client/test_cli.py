@@ -33,3 +33,10 @@ def test_zoo_prints_adapter_parameter_counts():
     assert result.returncode == 0, result.stderr
     # K=2 anchors x (4*4 + 4) global parameters, exactly.
     assert any(line.split()[:2] == ["global", "40"] for line in result.stdout.splitlines())
+
+
+def test_zoo_prints_quantized_weight_memory():
+    result = _run("zoo", "tiny-bert-d64-l2", "--quant", "nf4")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()}
+    assert rows["none"][-3] == "1.000" and float(rows["nf4"][-1]) < 0.2  # linears shrink ~8x

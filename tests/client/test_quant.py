@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from edgetune import quant
+from edgetune import quant, quant_memory
 from edgetune.errors import ZooError
 from edgetune.zoo import embed_texts, load_backbone, weights_fingerprint
 
@@ -64,17 +64,17 @@ def test_only_linears_are_quantized_and_all_is_frozen(quantized):
 
 
 def test_weight_bytes_are_exact(quantized, minilm_l6):
-    fp32 = quant.weight_bytes(minilm_l6.model)
+    fp32 = quant_memory.weight_bytes(minilm_l6.model)
     params = sum(p.numel() for p in minilm_l6.model.parameters())
     assert fp32["float32"] == 4 * params
     linear_weights = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
-    assert quant.weight_bytes(quantized["int8"].model)["int8"] == linear_weights
+    assert quant_memory.weight_bytes(quantized["int8"].model)["int8"] == linear_weights
     # nf4: two weights per byte plus one uint8 absmax per 64-block (double quantization).
-    assert quant.weight_bytes(quantized["nf4"].model)["uint8"] == linear_weights // 2 + (
+    assert quant_memory.weight_bytes(quantized["nf4"].model)["uint8"] == linear_weights // 2 + (
         linear_weights // 64
     )
-    ratio = sum(quant.linear_weight_bytes(quantized["nf4"].model).values()) / sum(
-        quant.linear_weight_bytes(minilm_l6.model).values()
+    ratio = sum(quant_memory.linear_weight_bytes(quantized["nf4"].model).values()) / sum(
+        quant_memory.linear_weight_bytes(minilm_l6.model).values()
     )
     assert ratio < 0.14
 
@@ -90,21 +90,21 @@ def one_thread():
 
 def test_fedadapter_training_on_nf4_reduces_loss_and_keeps_backbone(one_thread):
     backbone = load_backbone("minilm-l6", quant="nf4")
-    before = quant.backbone_tensor_hashes(backbone.model)
+    before = quant_memory.backbone_tensor_hashes(backbone.model)
     # A no-grad eval forward first: bitsandbytes would repack 4-bit weights in place for its
     # CPU gemv here, and then fail on the first forward with grad (see quantize_linear).
     embed_texts(backbone, SENTENCES[:2])
-    step, trainable = quant.make_train_step(backbone, "fedadapter", batch_size=2, seq_len=12)
+    step, trainable = quant_memory.make_train_step(backbone, "fedadapter", batch_size=2, seq_len=12)
     losses = [step() for _ in range(20)]
     assert losses[-1] < 0.5 * losses[0], losses
-    after = quant.backbone_tensor_hashes(backbone.model, exclude=tuple(trainable))
+    after = quant_memory.backbone_tensor_hashes(backbone.model, exclude=tuple(trainable))
     assert Counter(after) == Counter(before)  # every backbone tensor unchanged, bit for bit
     assert sum(p.numel() for p in trainable) > 10 * 4 * 385  # adapters, not just the head
 
 
 def test_head_only_step_backpropagates_through_every_quantized_layer():
     backbone = load_backbone("tiny-bert-d64-l2", quant="nf4")
-    step, _ = quant.make_train_step(backbone, "head", batch_size=2, seq_len=8)
+    step, _ = quant_memory.make_train_step(backbone, "head", batch_size=2, seq_len=8)
     grads = []
     for module in backbone.model.modules():
         if type(module).__name__ == "Linear4bit":
@@ -181,13 +181,13 @@ def test_mobilenet_has_nothing_to_quantize():
 
 
 def test_memory_table_lists_each_mode():
-    table = quant.memory_table("tiny-bert-d64-l2")
+    table = quant_memory.memory_table("tiny-bert-d64-l2")
     assert "float32 MB" in table and "uint8 MB" in table and "int8 MB" in table
     assert [line.split()[0] for line in table.splitlines()[2:5]] == ["none", "int8", "nf4"]
 
 
 def test_step_memory_in_a_fresh_process():
-    result = quant.step_memory("tiny-bert-d64-l2", "nf4", batch_size=2, seq_len=8)
+    result = quant_memory.step_memory("tiny-bert-d64-l2", "nf4", batch_size=2, seq_len=8)
     assert result["quant"] == "nf4" and result["peak_source"] == "VmHWM"
     assert result["step_peak_rss"] >= result["rss_after_imports"] > 0
     assert result["weight_bytes"]["uint8"] > 0

@@ -1,0 +1,304 @@
+"""Memory of quantized backbones: exact weight bytes per dtype and peak RSS of a training step.
+
+`weight_bytes` counts the resident bytes of a model per dtype (parameters, buffers and
+bitsandbytes quant state, shared storage once); `step_memory` measures the peak resident memory
+of one training step in a fresh interpreter, read from the kernel's per-process high-water mark
+(`VmHWM`; `ru_maxrss` of a child reports the parent's peak on Linux).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from edgetune.errors import ZooError
+from edgetune.quant import bnb_module, check_mode, quantizable_linears
+
+if TYPE_CHECKING:
+    from edgetune.zoo import Backbone
+
+
+def _quant_state_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Tensors bitsandbytes keeps beside the parameters: 4-bit QuantState (absmax, code,
+    offset, nested state) and int8 row scales / codes (SCB, CB) on the weight and the state."""
+    weight = getattr(module, "weight", None)
+    stack = [getattr(weight, "quant_state", None)]
+    while stack:
+        state = stack.pop()
+        if state is None:
+            continue
+        for value in vars(state).values():
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif type(value).__name__ == "QuantState":
+                stack.append(value)
+    for holder in (weight, getattr(module, "state", None)):
+        for attr in ("CB", "SCB"):
+            value = getattr(holder, attr, None)
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+    for sub in module.modules():
+        yield from _quant_state_tensors(sub)
+
+
+def _bytes_by_dtype(tensors: Iterator[torch.Tensor]) -> dict[str, int]:
+    """Bytes per dtype name, each storage counted once (tied or shared tensors)."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        if key in seen or tensor.device.type == "meta":
+            continue
+        seen.add(key)
+        name = str(tensor.dtype).removeprefix("torch.")
+        out[name] = out.get(name, 0) + storage.nbytes()
+    return dict(sorted(out.items()))
+
+
+def backbone_tensor_hashes(model: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> list[str]:
+    """Sorted sha256 digests of every backbone tensor (parameters, buffers, quant state), minus
+    `exclude` (e.g. adapter parameters); names are left out since adapters rename paths."""
+    skip = {id(t) for t in exclude}
+    digests = []
+    for tensor in _module_tensors(model):
+        if id(tensor) in skip:
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        head = f"{tuple(tensor.shape)}|{tensor.dtype}|".encode()
+        digests.append(hashlib.sha256(head + flat.numpy().tobytes()).hexdigest())
+    return sorted(digests)
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Exact resident bytes of `model` per dtype: parameters, buffers, quant state."""
+    return _bytes_by_dtype(_module_tensors(model))
+
+
+def linear_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes per dtype of the quantizable linear layers only (quantized or not)."""
+    bnb_types = ("Linear4bit", "Linear8bitLt")
+    wanted = set(quantizable_linears(model))
+    modules = [
+        module
+        for path, module in model.named_modules()
+        if type(module).__name__ in bnb_types or path in wanted
+    ]
+    return _bytes_by_dtype(t for m in modules for t in _module_tensors(m))
+
+
+def memory_table(name: str, quants: tuple[str, ...] = ("none", "int8", "nf4")) -> str:
+    """Weight memory of backbone `name` per quant mode and dtype, as a printable table."""
+    from edgetune.zoo import load_backbone
+
+    rows = []
+    for mode in quants:
+        backbone = load_backbone(name, quant=mode)
+        used = backbone.quant if backbone.quant == mode else f"{mode}->{backbone.quant}"
+        rows.append((used, weight_bytes(backbone.model), linear_weight_bytes(backbone.model)))
+        del backbone
+    dtypes = sorted({d for _, per, _ in rows for d in per})
+    base_total = sum(rows[0][1].values())
+    base_linear = sum(rows[0][2].values())
+    mb = 1e6
+    head = f"{'quant':<10}" + "".join(f"{d + ' MB':>12}" for d in dtypes)
+    lines = [
+        f"{name}: weight memory (embeddings, norms and heads stay full precision)",
+        head + f"{'total MB':>11}{'ratio':>7}{'linears MB':>12}{'ratio':>7}",
+    ]
+    for used, per, linear in rows:
+        total, lin = sum(per.values()), sum(linear.values())
+        cells = "".join(f"{per.get(d, 0) / mb:>12.2f}" for d in dtypes)
+        lines.append(
+            f"{used:<10}{cells}{total / mb:>11.2f}{total / base_total:>7.3f}"
+            f"{lin / mb:>12.2f}{lin / max(base_linear, 1):>7.3f}"
+        )
+    lines.append(f"ratios are to {quants[0]!r}")
+    return "\n".join(lines)
+
+
+# -- one training step and its peak resident memory ---------------------------------------------
+
+
+def make_train_step(
+    backbone: Backbone,
+    adapter: str = "head",
+    batch_size: int = 8,
+    seq_len: int = 64,
+    lr: float = 1e-2,
+) -> tuple[Callable[[], float], list[nn.Parameter]]:
+    """A closure running one training step on a fixed random batch; returns it and the
+    trainable tensors. The loss is cross-entropy of a linear head on mean-pooled outputs.
+
+    adapter="fedadapter": rank-16 FedAdapter in every block + head (QLoRA-style);
+    adapter="head": the head alone, with the embedding output requiring grad so that backward
+    runs through every (quantized) layer to the input.
+    """
+    if adapter not in ("head", "fedadapter"):
+        raise ZooError(f"adapter={adapter!r}: use 'head' or 'fedadapter'")
+    model, spec = backbone.model, backbone.spec
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (batch_size, seq_len), generator=gen)
+    labels = torch.randint(0, 4, (batch_size,), generator=gen)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    head = nn.Linear(spec.hidden_size, 4)
+    trainable = list(head.parameters())
+    if adapter == "fedadapter":
+        from edgetune.adapters import AdapterConfig, apply_fedadapter
+
+        handle = apply_fedadapter(model, spec, AdapterConfig(rank=16))
+        trainable += [p for p in handle.named_tensors().values() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    embed = model.get_input_embeddings()
+
+    def step() -> float:
+        embeds = embed(ids)
+        if adapter == "head":
+            embeds = embeds.detach().requires_grad_()
+        out = model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        loss = nn.functional.cross_entropy(head(pooled), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step, trainable
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """VmRSS / VmHWM of this process from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _ru_maxrss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _peak_rss_bytes() -> tuple[int, str]:
+    hwm = _proc_status_bytes("VmHWM")
+    return (hwm, "VmHWM") if hwm is not None else (_ru_maxrss_bytes(), "ru_maxrss")
+
+
+def _step_memory_child(config_json: str) -> None:
+    """Entry point of the measuring interpreter: prints one JSON line."""
+    from edgetune.zoo import load_backbone
+
+    cfg = json.loads(config_json)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    bnb_module()  # import cost belongs to the baseline of every mode alike
+    gc.collect()
+    rss_imports = _proc_status_bytes("VmRSS")
+    backbone = load_backbone(cfg["name"], quant=cfg["quant"])
+    gc.collect()
+    load_peak, source = _peak_rss_bytes()
+    rss_loaded = _proc_status_bytes("VmRSS")
+    step, trainable = make_train_step(backbone, cfg["adapter"], cfg["batch_size"], cfg["seq_len"])
+    step()  # warm-up: optimizer state and lazy kernel initialisation
+    reset = _reset_peak_rss()
+    losses = [step()]
+    peak, source = _peak_rss_bytes()
+    times = []
+    for _ in range(cfg["timed_steps"]):
+        start = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - start)
+    result = {
+        "quant": backbone.quant,
+        "rss_after_imports": rss_imports,
+        "load_peak_rss": load_peak,
+        "rss_after_load": rss_loaded,
+        "step_peak_rss": peak,
+        "peak_source": source,
+        "peak_reset_before_step": reset,
+        "ru_maxrss": _ru_maxrss_bytes(),
+        "weight_bytes": weight_bytes(backbone.model),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "step_seconds": times,
+        "losses": losses,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result))
+
+
+def step_memory(
+    name: str,
+    quant: str,
+    adapter: str = "head",
+    batch_size: int = 8,
+    seq_len: int = 64,
+    timed_steps: int = 0,
+    threads: int | None = None,
+    timeout: float = 900.0,
+) -> dict:
+    """Peak resident memory (bytes) of one training step of backbone `name` at `quant`,
+    measured in a fresh interpreter so runs do not pollute each other.
+
+    `step_peak_rss` is the kernel's per-process high-water mark (VmHWM), reset after loading
+    and a warm-up step, so it covers one step with the model resident. ru_maxrss is reported
+    too but is not used: Linux carries the parent's peak into a child across fork/exec.
+    """
+    check_mode(quant)
+    config = json.dumps(
+        {
+            "name": name,
+            "quant": quant,
+            "adapter": adapter,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "timed_steps": timed_steps,
+            "threads": threads,
+        }
+    )
+    code = "import sys; from edgetune.quant_memory import _step_memory_child as m; m(sys.argv[1])"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, config],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ZooError(
+            f"step_memory({name!r}, quant={quant!r}) failed in its subprocess "
+            f"(exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
