@@ -19,6 +19,7 @@ from .op import (
     adapter_backward_flops,
     adapter_flops,
     eager_fast_path_ok,
+    eager_forward,
 )
 from .reference import reference_adapter
 
@@ -66,7 +67,12 @@ def fused_adapter(
             raise TypeError(f"fused_adapter: residual dtype {residual.dtype} != x dtype {x.dtype}")
         res2 = residual.reshape(-1, residual.shape[-1])
     if eager_fast_path_ok():  # same implementations, minus the custom-op indirection (op.py)
-        out = EagerFusedAdapter.apply(x2, *params, float(scale), res2)
+        args = (x2, *params, float(scale), res2)
+        tensors = (x2, *params) if res2 is None else (x2, *params, res2)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            out = EagerFusedAdapter.apply(*args)
+        else:  # inference: no autograd node to build
+            out = eager_forward(*args)
     else:
         out = torch.ops.edgetune.fused_adapter(x2, *params, float(scale), res2)
     return out.reshape(*lead, out.shape[-1])

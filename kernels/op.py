@@ -174,6 +174,22 @@ def eager_fast_path_ok() -> bool:
     )
 
 
+def eager_forward(
+    x: Tensor,
+    D: Tensor,
+    b_D: Tensor,
+    C: Tensor,
+    q: Tensor,
+    alpha: Tensor,
+    U: Tensor,
+    b_U: Tensor,
+    scale: float,
+    residual: Tensor | None,
+) -> Tensor:
+    """Forward only (no autograd node), through the dispatched implementation."""
+    return _forward_impl(_resolve(x.device))(x, D, b_D, C, q, alpha, U, b_U, scale, residual)
+
+
 class EagerFusedAdapter(torch.autograd.Function):
     """autograd.Function over the dispatched implementations (see eager_fast_path_ok)."""
 

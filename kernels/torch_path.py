@@ -28,10 +28,9 @@ Backward (g = d out), derived by hand; z is *recomputed* from x, never saved:
 Per layer, G = z^T du (r x r) is accumulated in fp64: dalpha is a strongly cancelling sum
 (|result| ~ 1/25 of sum|terms| in the tests), and an fp32 G lost ~30 ulps of it; fp64 costs
 ~0.3 ms at T=4096, less than the per-token route. Traffic: x read twice (recompute, dD), g
-three times (dU, db_U, du), dx written once.
-GEMM layouts matter on CPU (MKL, one thread, T=4096, K=768, r=32): x @ D runs ~1.4x faster
-against the transposed view of a contiguous [r, K] copy of D, and (g^T u)^T beats u^T g by
-~1.6x; the rank-sized parameter copies this needs are free next to the GEMMs.
+three times (dU, db_U, du), dx written once. (Operand layouts - D vs a contiguous D^T etc. -
+measured within noise of each other with MKL on one thread, so no copies are made for them;
+a transposing copy of D alone costs 35-60 us, as much as the whole T=1 forward.)
 fp16/bf16 inputs are computed in fp32 (CPUs have no fast half GEMM; fp32 accumulation is the
 contract) and rounded once on the way out.
 """
@@ -48,11 +47,6 @@ _gelu = torch.nn.functional.gelu
 def _upcast(*ts: Tensor) -> list[Tensor]:
     """fp16/bf16 -> fp32 (compute dtype); other dtypes untouched (no op when already fp32)."""
     return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts]
-
-
-def _d_t(D: Tensor) -> Tensor:
-    """D^T as a contiguous [r, K] (MKL's fast layout for x @ D and dh @ D^T)."""
-    return D.t().contiguous()
 
 
 def _fold(C: Tensor, q: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,7 +85,7 @@ def torch_forward(
     """Forward of the fused adapter on the PyTorch path; x is [T, K], result [T, N] in x.dtype."""
     out_dtype = x.dtype
     x, D, b_D, C, q, alpha, U, b_U = _upcast(x, D, b_D, C, q, alpha, U, b_U)
-    z = _gelu(torch.addmm(b_D, x, _d_t(D).t()))
+    z = _gelu(torch.addmm(b_D, x, D))
     if alpha.dim() == 1:
         M, q_fold = _fold(C, q, alpha)
         W = torch.mm(M, U).mul_(scale)  # s * M @ U
@@ -150,17 +144,16 @@ def torch_backward(
     """
     dtypes = [t.dtype for t in (x, D, b_D, C, q, alpha, U, b_U)]
     x, D, b_D, C, q, alpha, U, b_U, g = _upcast(x, D, b_D, C, q, alpha, U, b_U, grad)
-    D_t = _d_t(D)
-    h = torch.addmm(b_D, x, D_t.t())
+    h = torch.addmm(b_D, x, D)
     z = _gelu(h)
     if alpha.dim() == 1:
         M, q_fold = _fold(C, q, alpha)
         u = torch.addmm(q_fold, z, M)
     else:
         u, Y = _mix_tokens(z, C, q, alpha)
-    dU = torch.mm(g.t(), u).t().mul_(scale)  # as (g^T u)^T: the faster layout
+    dU = torch.mm(u.t(), g).mul_(scale)
     db_U = g.sum(0).mul_(scale)
-    du = torch.mm(g, U.t().contiguous()).mul_(scale)
+    du = torch.mm(g, U.t()).mul_(scale)
     del u
     if alpha.dim() == 1:
         dz, dC, dq, dalpha = _mix_backward_layer(du, z, M, C, q, alpha)
@@ -168,8 +161,8 @@ def torch_backward(
         dz, dC, dq, dalpha = _mix_backward_tokens(du, z, Y, C, alpha)
     dh = torch.ops.aten.gelu_backward(dz, h)
     del dz, z, h
-    dD = torch.mm(dh.t(), x).t()
-    dx = torch.mm(dh, D_t) if need_dx else None
+    dD = torch.mm(x.t(), dh)
+    dx = torch.mm(dh, D.t()) if need_dx else None
     grads = (dx, dD, dh.sum(0), dC, dq, dalpha, dU, db_U)
     return tuple(  # type: ignore[return-value]
         None if gr is None else gr.to(dt) for gr, dt in zip(grads, dtypes)
