@@ -1,0 +1,257 @@
+"""ONNX Runtime inference on an export folder (see `edgetune.export`), with swappable adapters.
+
+    clf = OnnxClassifier("out/")                       # the exported client's adapter
+    clf.predict(["some text"])                         # -> [Prediction(label, index, probs)]
+    clf.predict(["some text"], adapter="b.onnx_adapter")  # another client, same graph
+
+An adapter is an ONNX Runtime adapter file (`.onnx_adapter`, applied with
+`RunOptions.add_active_adapter`) or a client's safetensors file from `AdapterHandle.save`
+(fed as graph inputs, merged first when the export is merged). Both are checked against the
+export's manifest before use: layout, backbone fingerprint / adapter config / classes (through
+the layout id), tensor names, shapes, dtypes and finiteness; each failure names the problem.
+Inference needs the export folder only: the tokenizer and class names are stored there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgetune.errors import ConfigError
+from edgetune.export import (
+    LAYOUTS,
+    MANIFEST_FILE,
+    TOKENIZER_DIR,
+    config_from_json,
+    graph_tensors,
+    read_adapter_file,
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    probs: dict[str, float] = field(repr=False)
+
+
+@dataclass
+class LoadedAdapter:
+    """A validated adapter: an ORT LoraAdapter (from .onnx_adapter) or feeds (safetensors)."""
+
+    path: Path
+    lora: object | None = None
+    feeds: dict[str, np.ndarray] | None = None
+
+
+def load_manifest(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise ConfigError(f"{model_dir} is not an export folder: {MANIFEST_FILE} is missing")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != 1:
+        raise ConfigError(f"{path}: unknown export format {manifest.get('format')!r}")
+    return manifest
+
+
+def check_tensors(path: Path, tensors: dict[str, tuple[tuple, str, object]], manifest: dict):
+    """`tensors`: name -> (shape, dtype, values); names, shapes, dtype, finiteness vs manifest."""
+    expected = {n: tuple(s) for n, s in manifest["adapter_inputs"].items()}
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ConfigError(f"{path}: missing tensors {missing[:5]}, unexpected {extra[:5]}")
+    for name, (shape, dtype, values) in tensors.items():
+        if tuple(shape) != expected[name]:
+            raise ConfigError(
+                f"{path}: {name} has shape {tuple(shape)}, this model expects {expected[name]}"
+            )
+        if dtype not in ("float32", "tensor(float)"):
+            raise ConfigError(f"{path}: {name} has dtype {dtype}, this model expects float32")
+        if not np.isfinite(values).all():
+            raise ConfigError(f"{path}: {name} contains NaN or inf")
+
+
+def tensors_for_export(adapter_path: str | Path, manifest: dict) -> dict[str, np.ndarray]:
+    """A client's safetensors adapter as this export's graph inputs (merged if need be)."""
+    path = Path(adapter_path)
+    wire, meta = read_adapter_file(path)
+    for key, label in (("family", "family"), ("fingerprint", "backbone fingerprint")):
+        if meta[f"edgetune.{key}"] != manifest[key]:
+            raise ConfigError(
+                f"{path}: {label} {meta[f'edgetune.{key}']!r} does not match the export's "
+                f"{manifest[key]!r}"
+            )
+    if meta["edgetune.adapter_config"] != manifest["adapter_config"]:
+        raise ConfigError(
+            f"{path}: adapter config {meta['edgetune.adapter_config']} does not match the "
+            f"export's {manifest['adapter_config']}"
+        )
+    arrays = {n: t.float().numpy() for n, t in wire.items()}
+    missing = sorted(set(manifest["adapter_inputs"]) - set(arrays))
+    if manifest["layout"] == "wire" and missing:
+        raise ConfigError(f"{path}: missing tensors {missing[:5]} (saved without some groups?)")
+    config = config_from_json(manifest["adapter_config"])
+    try:
+        out = graph_tensors(arrays, config, manifest["num_layers"], manifest["layout"])
+    except KeyError as err:
+        raise ConfigError(f"{path}: missing tensor {err} needed to merge the adapter") from err
+    check_tensors(path, {n: (v.shape, str(v.dtype), v) for n, v in out.items()}, manifest)
+    return out
+
+
+def read_ort_adapter(path: str | Path, manifest: dict) -> LoadedAdapter:
+    """Validate an .onnx_adapter file against the export, then load it as a LoraAdapter."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"adapter file {path} does not exist")
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+    except RuntimeError as err:
+        raise ConfigError(f"{path}: corrupt or truncated .onnx_adapter file ({err})") from err
+    layout = {v: k for k, v in LAYOUTS.items()}.get(fmt.get_adapter_version(), "unknown")
+    if layout != manifest["layout"]:
+        raise ConfigError(
+            f"{path}: adapter layout {layout!r} (version {fmt.get_adapter_version()}) does not "
+            f"match this export's {manifest['layout']!r}; convert with `edgetune export --into`"
+        )
+    if fmt.get_model_version() != manifest["layout_id"]:
+        raise ConfigError(
+            f"{path}: made for another backbone or adapter config (layout id "
+            f"{fmt.get_model_version()}, this export expects {manifest['layout_id']}: family "
+            f"{manifest['family']}, fingerprint {manifest['fingerprint']}, "
+            f"{manifest['n_classes']} classes, config {manifest['adapter_config']})"
+        )
+    params = fmt.get_parameters()
+    check_tensors(
+        path, {n: (v.shape(), v.data_type(), v.numpy()) for n, v in params.items()}, manifest
+    )
+    lora = ort.LoraAdapter()
+    lora.Load(str(path))
+    return LoadedAdapter(path, lora=lora)
+
+
+def load_adapter(path: str | Path, manifest: dict) -> LoadedAdapter:
+    """.onnx_adapter -> LoraAdapter; .safetensors -> graph-input feeds; both validated."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return LoadedAdapter(path, feeds=tensors_for_export(path, manifest))
+    return read_ort_adapter(path, manifest)
+
+
+class OnnxClassifier:
+    """ONNX Runtime classifier over an export folder; adapters swap per call."""
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.model_dir = Path(model_dir)
+        self.manifest = load_manifest(self.model_dir)
+        self.labels: list[str] = self.manifest["labels"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # overridable initializers warn once each otherwise
+        if threads:
+            options.intra_op_num_threads = threads
+        model = self.model_dir / self.manifest["model_file"]
+        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        self.tokenizer = None
+        if self.manifest["modality"] == "text":
+            from transformers import AutoTokenizer
+
+            tok_dir = self.model_dir / TOKENIZER_DIR
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        self._adapters: dict[Path, LoadedAdapter] = {}
+
+    def adapter(self, path: str | Path) -> LoadedAdapter:
+        """Load (once) and validate an adapter file for this export."""
+        key = Path(path).resolve()
+        if key not in self._adapters:
+            self._adapters[key] = load_adapter(key, self.manifest)
+        return self._adapters[key]
+
+    def encode(self, inputs: list) -> dict[str, np.ndarray]:
+        """Model inputs from texts (tokenized) or images (file paths or arrays)."""
+        if not inputs:
+            raise ConfigError("nothing to classify: the input list is empty")
+        if self.tokenizer is not None:
+            batch = self.tokenizer(
+                list(inputs), padding=True, truncation=True, max_length=512, return_tensors="np"
+            )
+            return {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+        from edgetune.preprocess import ImagePreprocess
+
+        pre = ImagePreprocess(**self.manifest["preprocess"])
+        arrays = [_read_image(x) if isinstance(x, (str, Path)) else np.asarray(x) for x in inputs]
+        return {"pixel_values": np.concatenate([pre(a).numpy() for a in arrays])}
+
+    def logits(self, inputs: list, adapter: str | Path | LoadedAdapter | None = None):
+        """Logits [N, n_classes]; `adapter` None runs the exported client's adapter."""
+        import onnxruntime as ort
+
+        feeds = self.encode(inputs)
+        options = ort.RunOptions()
+        if adapter is not None:
+            loaded = adapter if isinstance(adapter, LoadedAdapter) else self.adapter(adapter)
+            if loaded.lora is not None:
+                options.add_active_adapter(loaded.lora)
+            else:
+                feeds.update(loaded.feeds)
+        return self.session.run(["logits"], feeds, options)[0]
+
+    def predict(self, inputs: list, adapter: str | Path | LoadedAdapter | None = None):
+        """One Prediction (label, index, probabilities by label) per input."""
+        logits = self.logits(inputs, adapter).astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        return [
+            Prediction(self.labels[int(p.argmax())], int(p.argmax()), dict(zip(self.labels, p)))
+            for p in probs
+        ]
+
+
+def _read_image(path: str | Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as err:
+        raise ConfigError(f"image {path}: cannot be read ({err})") from err
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def _cmd_infer(args: argparse.Namespace) -> int:
+    inputs = args.text or args.image
+    clf = OnnxClassifier(args.model, threads=args.threads)
+    predictions = clf.predict(inputs, adapter=args.adapter)
+    if args.json:
+        rows = [
+            {"input": str(x), "label": p.label, "probs": p.probs}
+            for x, p in zip(inputs, predictions)
+        ]
+        print(json.dumps(rows, indent=1))
+        return 0
+    for item, pred in zip(inputs, predictions):
+        top = sorted(pred.probs.items(), key=lambda kv: -kv[1])[: args.top]
+        shown = ", ".join(f"{label} {p:.3f}" for label, p in top)
+        print(f"{pred.label}\t{str(item)[:60]!r}\t[{shown}]")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add `edgetune infer` to the CLI; it runs via `args.func(args)`."""
+    p = subparsers.add_parser("infer", help="classify with an exported ONNX model")
+    p.add_argument("--model", type=Path, required=True, help="export folder (edgetune export)")
+    p.add_argument("--adapter", type=Path, help=".onnx_adapter or .safetensors adapter file")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    what.add_argument("--image", action="append", type=Path, help="an image file (repeatable)")
+    p.add_argument("--top", type=int, default=3, help="probabilities shown per input")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_infer)
