@@ -123,7 +123,11 @@ def train_local(
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
-                steps, samples, loss_sum = steps + 1, samples + len(labels), loss_sum + float(loss)
+                steps, samples, loss_sum = (
+                    steps + 1,
+                    samples + len(labels),
+                    loss_sum + float(loss.detach()),
+                )
                 elapsed = time.perf_counter() - start
                 bar.update(1)
                 bar.set_postfix(
