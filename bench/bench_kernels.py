@@ -96,7 +96,23 @@ def make_case(T: int, d: int, seed: int = 0) -> dict[str, Any]:
     fused = FusedAdapter(unfused)
     x, res, g = torch.randn(T, d), torch.randn(T, d), torch.randn(T, d)
     z, u = torch.randn(T, RANK), torch.randn(T, RANK)
-    return {"unfused": unfused, "fused": fused, "x": x, "res": res, "g": g, "z": z, "u": u}
+    return {
+        "unfused": unfused,
+        "fused": fused,
+        "x": x,
+        "res": res,
+        "g": g,
+        "z": z,
+        "u": u,
+        "x_leaf": x.clone().requires_grad_(),
+        "res_leaf": res.clone().requires_grad_(),
+    }
+
+
+def clear_grads(c: dict[str, Any]) -> None:
+    """Drop every gradient of both modules and of the leaf inputs (so each step allocates)."""
+    for t in (*c["unfused"].parameters(), *c["fused"].parameters(), c["x_leaf"], c["res_leaf"]):
+        t.grad = None
 
 
 def forward_fns(c: dict[str, Any]) -> dict[str, Callable[[], Any]]:
@@ -127,12 +143,10 @@ def step_fns(c: dict[str, Any]) -> dict[str, Callable[[], Any]]:
         torch.mm(u.t(), g), torch.mm(x.t(), dh), torch.mm(dh, D.t())
 
     def run(mod: nn.Module) -> Callable[[], Any]:
-        xs, rs = x.clone().requires_grad_(), c["res"].clone().requires_grad_()
+        xs, rs = c["x_leaf"], c["res_leaf"]
 
         def f() -> None:
-            for p in mod.parameters():
-                p.grad = None
-            xs.grad = rs.grad = None
+            clear_grads(c)
             mod(xs, rs).backward(g)
 
         return f
@@ -149,25 +163,37 @@ def check_same_math(c: dict[str, Any]) -> float:
     return err
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, calls: int) -> dict:
-    """Median seconds per call of each variant; repeats interleave the variants."""
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], repeats: int, block_s: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(median, min) seconds per call of each variant; repeats interleave the variants.
+
+    Each repeat runs every variant for about `block_s` seconds (at least 3 calls), so the fast
+    shapes get enough samples and the slow ones finish.
+    """
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
+    calls = {}
+    for name, fn in fns.items():
         fn()  # warm-up
+        t0 = time.perf_counter()
+        fn()
+        calls[name] = max(3, min(200, round(block_s / (time.perf_counter() - t0))))
     for _ in range(repeats):
         for name, fn in fns.items():
-            for _ in range(calls):
+            for _ in range(calls[name]):
                 t0 = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return med, {k: min(v) for k, v in samples.items()}
 
 
 def peak_step_memory(variant: str, T: int, d: int) -> int:
     """Peak RSS increase (bytes) of one forward+backward of `variant`, in a fresh interpreter."""
     code = (
         "import sys; sys.path.insert(0, 'bench'); import bench_kernels as b\n"
-        f"c = b.make_case({T}, {d}); f = b.step_fns(c)['{variant}']; f(); import gc; gc.collect()\n"
+        f"c = b.make_case({T}, {d}); f = b.step_fns(c)['{variant}']; f()\n"
+        "b.clear_grads(c); import gc; gc.collect()\n"
         "st = lambda k: int([l for l in open('/proc/self/status') if l.startswith(k)][0].split()[1])\n"
         "base = st('VmRSS'); open('/proc/self/clear_refs', 'w').write('5'); f()\n"
         "print((st('VmHWM') - base) * 1024)\n"
@@ -227,13 +253,13 @@ def cuda_triton_times(T: int, d: int) -> dict[str, float] | None:
     return {"triton_fwd_ms": fwd, "triton_fwd_bwd_ms": fwd + bwd}
 
 
-def run_table(repeats: int, calls: int) -> list[dict[str, Any]]:
+def run_table(repeats: int, block_s: float) -> list[dict[str, Any]]:
     rows = []
     for T, d in SHAPES:
         c = make_case(T, d)
         err = check_same_math(c)
-        fwd = interleaved_medians(forward_fns(c), repeats, calls)
-        step = interleaved_medians(step_fns(c), repeats, calls)
+        fwd, fwd_min = interleaved_medians(forward_fns(c), repeats, block_s)
+        step, step_min = interleaved_medians(step_fns(c), repeats, block_s)
         mem = {v: peak_step_memory(v, T, d) for v in ("unfused", "fused")}
         row = {
             "T": T,
@@ -247,6 +273,10 @@ def run_table(repeats: int, calls: int) -> list[dict[str, Any]]:
             "speedup_fwd_bwd": step["unfused"] / step["fused"],
             "fused_over_bound_fwd": fwd["fused"] / fwd["bound"],
             "fused_over_bound_fwd_bwd": step["fused"] / step["bound"],
+            "min_ms": {  # least-disturbed call, for reference on a shared machine
+                "fwd": {k: v * 1e3 for k, v in fwd_min.items()},
+                "fwd_bwd": {k: v * 1e3 for k, v in step_min.items()},
+            },
             "peak_step_bytes": mem,
             "peak_ratio_fused_over_unfused": mem["fused"] / mem["unfused"],
             "cuda": cuda_triton_times(T, d),
@@ -269,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench/results/kernels.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    repeats, calls = (2, 3) if args.quick else (7, 5)
+    repeats, block_s = (2, 0.01) if args.quick else (11, 0.05)
     started = time.time()
     info = machine()
-    rows = run_table(repeats, calls)
+    rows = run_table(repeats, block_s)
     result = {
         "benchmark": "kernels",
         "machine": info,
@@ -286,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             "residual": True,
             "scale": SCALE,
             "repeats": repeats,
-            "calls_per_repeat": calls,
+            "seconds_per_variant_per_repeat": block_s,
             "path": "torch (CPU)",
             "quick": args.quick,
         },
