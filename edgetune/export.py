@@ -28,6 +28,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,16 +168,25 @@ def layout_id(fingerprint: str, config: AdapterConfig, n_classes: int, layout: s
 
 
 # -- the traced model -------------------------------------------------------------------------
+class _Feed:
+    """The adapter tensors of the forward being traced, shared by all stand-ins.
+
+    A plain object, not a module attribute of tensors: torch.export would flag those.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+
+
 class _ExportAdapter(nn.Module):
     """Stands in for a FedAdapterLayer during export: its tensors are the graph's inputs."""
 
-    def __init__(self, layout: LayerLayout, config: AdapterConfig, merged: bool) -> None:
+    def __init__(self, layout: LayerLayout, config: AdapterConfig, merged: bool, feed) -> None:
         super().__init__()
-        self.layout, self.config, self.merged = layout, config, merged
-        self.inputs: dict[str, Tensor] = {}
+        self.layout, self.config, self.merged, self.feed = layout, config, merged, feed
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        t, lay = self.inputs, self.layout
+        t, lay = self.feed.tensors, self.layout
         if self.merged:
             p = f"merged.layer{lay.block}."
             delta = F.gelu(x @ t[p + "D"] + t[p + "b_D"]) @ t[p + "U"] + t[p + "b_U"]
@@ -195,29 +205,27 @@ class _ExportAdapter(nn.Module):
 
 
 class _ExportHead(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, feed: _Feed) -> None:
         super().__init__()
-        self.inputs: dict[str, Tensor] = {}
+        self.feed = feed
 
     @property
     def weight(self) -> Tensor:  # the task models read head.weight.dtype
-        return self.inputs[HEAD[0]]
+        return self.feed.tensors[HEAD[0]]
 
     def forward(self, pooled: Tensor) -> Tensor:
-        return F.linear(pooled, self.inputs[HEAD[0]], self.inputs[HEAD[1]])
+        return F.linear(pooled, self.feed.tensors[HEAD[0]], self.feed.tensors[HEAD[1]])
 
 
 class _ExportModel(nn.Module):
     """forward(model inputs..., adapter tensors as a list) -> logits."""
 
-    def __init__(self, task: nn.Module, stand_ins: list[nn.Module], names: list[str]) -> None:
+    def __init__(self, task: nn.Module, feed: _Feed, names: list[str]) -> None:
         super().__init__()
-        self.task, self.stand_ins, self.names = task, stand_ins, names
+        self.task, self.feed, self.names = task, feed, names
 
     def forward(self, inputs: list[Tensor], adapter: list[Tensor]) -> Tensor:
-        named = dict(zip(self.names, adapter, strict=True))
-        for module in self.stand_ins:
-            module.inputs = named
+        self.feed.tensors = dict(zip(self.names, adapter, strict=True))
         return self.task(*inputs)
 
 
@@ -280,7 +288,8 @@ def _trace_to_onnx(backbone: Backbone, task: nn.Module, config: AdapterConfig, t
     """torch.onnx (dynamo) export with the adapter tensors as graph inputs -> ModelProto."""
     wrappers = {i: task.body.get_submodule(p) for i, p in enumerate(backbone.spec.ffn_paths)}
     layouts = layer_layouts(config, backbone.spec.num_layers)
-    stand_ins = {lay.block: _ExportAdapter(lay, config, merged) for lay in layouts}
+    feed = _Feed()
+    stand_ins = {lay.block: _ExportAdapter(lay, config, merged, feed) for lay in layouts}
     originals = {b: wrappers[b].adapter for b in stand_ins}
     head, names = task.head, list(tensors)
     sample, dynamic, input_names = _sample_inputs(backbone)
@@ -288,23 +297,32 @@ def _trace_to_onnx(backbone: Backbone, task: nn.Module, config: AdapterConfig, t
     try:
         for block, stand_in in stand_ins.items():
             wrappers[block].adapter = stand_in
-        task.head = _ExportHead()
-        model = _ExportModel(task, [*stand_ins.values(), task.head], names)
-        program = torch.onnx.export(
-            model,
-            (sample, adapter_args),
-            dynamo=True,
-            input_names=[*input_names, *names],
-            output_names=["logits"],
-            dynamic_shapes=(dynamic, [None] * len(names)),
-            custom_translation_table={torch.ops.edgetune.fused_adapter.default: fused_adapter_onnx},
-            optimize=True,
-            verbose=False,
-        )
+        task.head = _ExportHead(feed)
+        model = _ExportModel(task, feed, names).eval()
+        return _onnx_export(model, (sample, adapter_args), [*input_names, *names], dynamic)
     finally:
         for block, original in originals.items():
             wrappers[block].adapter = original
         task.head = head
+
+
+def _onnx_export(model: nn.Module, args: tuple, input_names: list[str], dynamic: list[dict]):
+    n_adapter = len(input_names) - len(dynamic)
+    with warnings.catch_warnings():
+        # the batch/seq Dims are shared by both text inputs on purpose; LeafSpec is torch's own
+        warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        program = torch.onnx.export(
+            model,
+            args,
+            dynamo=True,
+            input_names=input_names,
+            output_names=["logits"],
+            dynamic_shapes=(dynamic, [{}] * n_adapter),
+            custom_translation_table={torch.ops.edgetune.fused_adapter.default: fused_adapter_onnx},
+            optimize=True,
+            verbose=False,
+        )
     return program.model_proto
 
 
@@ -320,15 +338,28 @@ def add_default_initializers(model, tensors: dict[str, np.ndarray]) -> None:
         model.graph.initializer.append(numpy_helper.from_array(tensors[name], name))
 
 
-def quantize_int4(model, adapter_names: set[str], block_size: int = INT4_BLOCK):
-    """Backbone MatMul weights -> MatMulNBits (4-bit, symmetric); adapter MatMuls stay fp32."""
+def quantize_int4(
+    model, adapter_names: set[str], block_size: int = INT4_BLOCK, embeddings: bool = True
+):
+    """Backbone weights -> 4-bit (symmetric, blocks along K); adapter tensors stay fp32.
+
+    MatMul weights become `MatMulNBits`; with `embeddings` the token/position embedding tables
+    (Gather on a float initializer) become `GatherBlockQuantized`, which matters for small
+    encoders: MiniLM's 30,522 x 384 word embeddings are half of its weights.
+    """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     exclude = [
-        n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in adapter_names
-    ]
+        n.name for n in model.graph.node if set(n.input) & adapter_names
+    ]  # the adapter's own MatMuls (x @ D, u @ U) and the head
+    op_types = ("MatMul", "Gather") if embeddings else ("MatMul",)
     quantizer = MatMulNBitsQuantizer(
-        model, block_size=block_size, is_symmetric=True, nodes_to_exclude=exclude
+        model,
+        block_size=block_size,
+        is_symmetric=True,
+        nodes_to_exclude=exclude,
+        op_types_to_quantize=op_types,
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
     quantizer.process()
     out = quantizer.model.model
