@@ -67,7 +67,7 @@ import math
 import re
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -100,6 +100,7 @@ META_COMPRESSION = "edgetune.compression"
 META_ENCODING = "edgetune.encoding"
 META_NUM_SAMPLES = "edgetune.num_samples"
 META_METRICS = "edgetune.metrics"  # JSON object of metric name -> finite number
+META_BUNDLES = "edgetune.bundles"  # optional: comma-separated bundles sent (default: all)
 
 PAYLOAD_UPDATE = "update"
 PAYLOAD_GLOBAL = "global"
@@ -108,6 +109,18 @@ PAYLOAD_FAMILY = "family"
 #: What each group of an upload carries: deltas for the global branch, values otherwise.
 UPDATE_ENCODING = "global=delta;family=value;lora=value"
 COMPRESSION_NONE = "none"
+COMPRESSION_INT8 = "int8"
+COMPRESSIONS = (COMPRESSION_NONE, COMPRESSION_INT8)
+#: With ``compression="int8"`` every tensor ``<name>`` travels as I8 plus ``<name>.__scale__``
+#: (F32, shape [1]); the value is ``int8 * scale`` (symmetric, per tensor).
+SCALE_SUFFIX = ".__scale__"
+INT8_MAX = 127
+
+#: Upload bundles: the global branch (FedAdapter only) and the family bundle (everything else:
+#: D/U/C/q/gates/head for FedAdapter, LoRA factors + head for LoRA). A FedAdapter client may
+#: send a subset (e.g. global-only on rounds where its family bundle is not due).
+BUNDLE_GLOBAL = "global"
+BUNDLE_FAMILY = "family"
 
 #: safetensors dtype tag -> (torch dtype, bytes per element). Only float types are allowed.
 FLOAT_DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -116,6 +129,8 @@ FLOAT_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BF16": (torch.bfloat16, 2),
 }
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+#: Every dtype a payload may declare: the float types plus I8 (int8-compressed updates only).
+WIRE_DTYPES: dict[str, tuple[torch.dtype, int]] = {**FLOAT_DTYPES, "I8": (torch.int8, 1)}
 MAX_HEADER_BYTES = 8 * 1024 * 1024
 MAX_METRICS = 64
 
@@ -313,9 +328,26 @@ class AdapterSpec:
                 out[name] = TensorSpec(name, shape, GROUP_PRIVATE)
         return out
 
-    def upload_tensors(self) -> dict[str, TensorSpec]:
-        """The exact key set (and shapes) of an update from a client with this spec."""
-        return dict(_upload_schema(self))
+    def upload_tensors(self, bundles: tuple[str, ...] | None = None) -> dict[str, TensorSpec]:
+        """The exact key set (and shapes) of an update sending ``bundles`` (default: all)."""
+        if bundles is None:
+            return dict(_upload_schema(self))
+        out: dict[str, TensorSpec] = {}
+        for bundle in bundles:
+            out.update(self.upload_bundles()[bundle])
+        return out
+
+    def upload_bundles(self) -> dict[str, dict[str, TensorSpec]]:
+        """Bundle name -> its tensors; ``global`` exists for FedAdapter specs only."""
+        out = {BUNDLE_FAMILY: self.family_tensors()}
+        if self.kind == KIND_FEDADAPTER:
+            out = {BUNDLE_GLOBAL: self.global_tensors(), **out}
+        return out
+
+    def bundles_of(self, names: Iterable[str]) -> tuple[str, ...]:
+        """Which bundles a set of tensor names touches (sorted)."""
+        owner = {n: b for b, ts in self.upload_bundles().items() for n in ts}
+        return tuple(sorted({owner[n] for n in names if n in owner}))
 
 
 @functools.lru_cache(maxsize=256)
@@ -341,7 +373,7 @@ class Payload:
     metadata: dict[str, str]
 
 
-_TAG_OF = {dt: tag for tag, (dt, _) in FLOAT_DTYPES.items()}
+_TAG_OF = {dt: tag for tag, (dt, _) in WIRE_DTYPES.items()}
 
 
 def encode_payload(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
@@ -358,7 +390,7 @@ def encode_payload(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
         t = tensors[name].detach().to("cpu").contiguous()
         if t.dtype not in _TAG_OF:
             raise ProtocolError(
-                "bad_dtype", f"tensor {name!r} has dtype {t.dtype}; only float types travel"
+                "bad_dtype", f"tensor {name!r} has dtype {t.dtype}; only float and int8 travel"
             )
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {
@@ -381,9 +413,9 @@ def _parse_entry(name: str, info: Any, data_len: int) -> TensorEntry:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise ProtocolError("not_safetensors", f"header entry {name!r} is malformed")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in WIRE_DTYPES:
         raise ProtocolError(
-            "bad_dtype", f"tensor {name!r} has dtype {dtype!r}; allowed: {list(FLOAT_DTYPES)}"
+            "bad_dtype", f"tensor {name!r} has dtype {dtype!r}; allowed: {list(WIRE_DTYPES)}"
         )
     ok_shape = isinstance(shape, list) and all(type(s) is int and 0 <= s < 1 << 40 for s in shape)
     ok_offsets = (
@@ -401,7 +433,7 @@ def _parse_entry(name: str, info: Any, data_len: int) -> TensorEntry:
             "truncated_payload",
             f"tensor {name!r} ends at byte {end} but the payload holds {data_len} data bytes",
         )
-    if end - begin != _numel(tuple(shape)) * FLOAT_DTYPES[dtype][1]:
+    if end - begin != _numel(tuple(shape)) * WIRE_DTYPES[dtype][1]:
         raise ProtocolError(
             "bad_offsets", f"tensor {name!r}: {end - begin} bytes do not fit shape {shape}"
         )
@@ -479,9 +511,11 @@ class UpdateMeta:
     dtype: str = "float32"
     compression: str = COMPRESSION_NONE
     metrics: dict[str, float] = field(default_factory=dict)
+    bundles: tuple[str, ...] | None = None  # None: every bundle of the spec
 
     def to_metadata(self) -> dict[str, str]:
-        return {
+        extra = {} if self.bundles is None else {META_BUNDLES: ",".join(sorted(self.bundles))}
+        return extra | {
             META_KIND: PAYLOAD_UPDATE,
             META_FAMILY: self.family,
             META_ROUND: str(self.round_id),
@@ -519,7 +553,7 @@ class UpdateMeta:
                 "bad_metadata",
                 f"{META_ENCODING}={md[META_ENCODING]!r}, expected {UPDATE_ENCODING!r}",
             )
-        if md[META_COMPRESSION] != COMPRESSION_NONE:
+        if md[META_COMPRESSION] not in COMPRESSIONS:
             raise ProtocolError(
                 "unsupported_compression", f"compression {md[META_COMPRESSION]!r} is not supported"
             )
@@ -536,7 +570,18 @@ class UpdateMeta:
             dtype=md[META_DTYPE],
             compression=md[META_COMPRESSION],
             metrics=_parse_metrics(md.get(META_METRICS, "{}")),
+            bundles=_parse_bundles(md[META_BUNDLES]) if META_BUNDLES in md else None,
         )
+
+
+def _parse_bundles(text: str) -> tuple[str, ...]:
+    names = text.split(",")
+    known = (BUNDLE_GLOBAL, BUNDLE_FAMILY)
+    if not text or any(n not in known for n in names) or len(set(names)) != len(names):
+        raise ProtocolError(
+            "bad_bundles", f"{META_BUNDLES}={text!r}: a non-empty list of distinct {list(known)}"
+        )
+    return tuple(sorted(names))
 
 
 def _parse_int(key: str, text: str, code: str) -> int:
@@ -569,8 +614,15 @@ def encode_update(
     round_id: int,
     num_samples: int,
     metrics: Mapping[str, float] | None = None,
+    *,
+    compression: str = COMPRESSION_NONE,
+    bundles: tuple[str, ...] | None = None,
 ) -> bytes:
-    """Encode a client update: global-branch deltas + family values, as the server expects."""
+    """Encode a client update: global-branch deltas + family values, as the server expects.
+
+    ``tensors`` are already in wire form (``compression="int8"``: I8 + ``.__scale__``, see
+    :func:`quantize_int8`); ``bundles`` names a partial update (e.g. ``("global",)``).
+    """
     meta = UpdateMeta(
         family=spec.family,
         round_id=round_id,
@@ -578,9 +630,63 @@ def encode_update(
         fingerprint=spec.fingerprint,
         num_samples=num_samples,
         dtype=spec.dtype,
+        compression=compression,
         metrics=dict(metrics or {}),
+        bundles=bundles,
     )
     return encode_payload(tensors, meta.to_metadata())
+
+
+# -- int8 compression (symmetric, one float32 scale per tensor) -------------------------------
+def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``q = round(t / scale)`` in [-127, 127], ``scale = max|t| / 127``.
+
+    A tensor of zeros gets scale 0. Every element's error ``|q * scale - t|`` is at most
+    ``scale / 2``. ``t`` must be finite.
+    """
+    x = t.detach().to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ProtocolError("non_finite", "cannot quantize a tensor with NaN or inf values")
+    amax = float(x.abs().max()) if x.numel() else 0.0
+    scale = torch.tensor([amax / INT8_MAX], dtype=torch.float32)
+    if amax == 0.0:
+        return torch.zeros(x.shape, dtype=torch.int8), scale
+    q = torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.to(torch.float32) * scale.to(torch.float32)
+
+
+def int8_wire_schema(
+    expected: Mapping[str, TensorSpec],
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (safetensors dtype, shape) of an int8-compressed upload of ``expected``."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, t in expected.items():
+        out[name] = ("I8", t.shape)
+        out[name + SCALE_SUFFIX] = ("F32", (1,))
+    return out
+
+
+def decompress_tensors(
+    tensors: Mapping[str, torch.Tensor], compression: str
+) -> dict[str, torch.Tensor]:
+    """Wire tensors -> float32 values (``int8``: ``q * scale`` for every ``<name>``)."""
+    if compression == COMPRESSION_NONE:
+        return dict(tensors)
+    if compression != COMPRESSION_INT8:
+        raise ProtocolError("unsupported_compression", f"compression {compression!r}")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = tensors.get(name + SCALE_SUFFIX)
+        if scale is None or t.dtype != torch.int8:
+            raise ProtocolError("bad_compression", f"{name!r} is not an int8 tensor with a scale")
+        out[name] = dequantize_int8(t, scale)
+    return out
 
 
 # -- initial state and views -----------------------------------------------------------------

@@ -164,12 +164,19 @@ def fedadapter(
     2. family mean of the ``global.*`` deltas, ``dbar_m``;
     3. optional conflict projection (``project``);
     4. ``pi_m`` from family sample totals N_m and ``beta``; global += eta * sum pi_m d_m.
+
+    Partial updates: the family bundle of m is averaged over the updates that carry
+    ``family.*`` tensors (a family none of whose clients sent it is left out of ``families``),
+    the global branch over those that carry ``global.*`` deltas; N_m counts the latter.
     """
     if not updates:
         raise ValueError("fedadapter needs at least one update")
-    groups = group_by_family(updates)
-    families = {m: fedavg(us, "family.") for m, us in groups.items()}
+    with_family = [u for u in updates if any(k.startswith("family.") for k in u.tensors)]
+    families = {m: fedavg(us, "family.") for m, us in group_by_family(with_family).items()}
     gkeys = list(global_params)
+    groups = group_by_family([u for u in updates if all(k in u.tensors for k in gkeys)])
+    if not groups:
+        return FedAdapterResult(dict(global_params), families, {}, {})
     dbar = {
         m: weighted_average(
             [{k: u.tensors[k] for k in gkeys} for u in us], [u.num_samples for u in us]

@@ -20,10 +20,12 @@ from typing import Any
 import torch
 
 from edgetune.protocol import (
+    META_COMPRESSION,
     AdapterSpec,
     ProtocolError,
     UpdateMeta,
     decode_payload,
+    decompress_tensors,
 )
 
 from .aggregation import ClientUpdate, TensorDict
@@ -309,7 +311,9 @@ class Coordinator(Registry):
         updates, failed = [], []
         for r in records:
             try:
-                tensors = decode_payload(self.storage.blobs.get(r.sha256)).tensors
+                payload = decode_payload(self.storage.blobs.get(r.sha256))
+                compression = payload.metadata.get(META_COMPRESSION, "none")
+                tensors = decompress_tensors(payload.tensors, compression)
             except (OSError, ProtocolError) as exc:
                 log.error(
                     "update blob of %s in round %d unreadable: %s", r.client_id, r.round_id, exc

@@ -46,8 +46,15 @@ class RoundResult:
 
 
 def check_reply(update: ClientUpdate, spec: AdapterSpec) -> str | None:
-    """Why a reply is unusable (exact keys, shapes, finite values, positive samples), or None."""
-    expected = spec.upload_tensors()
+    """Why a reply is unusable (exact keys, shapes, finite values, positive samples), or None.
+
+    A partial reply (a subset of the spec's bundles, e.g. global-only) is usable when it holds
+    every tensor of each bundle it touches.
+    """
+    bundles = spec.bundles_of(update.tensors)
+    if not bundles:
+        return "the reply holds no tensor of the spec"
+    expected = spec.upload_tensors(bundles)
     if set(update.tensors) != set(expected):
         return f"key set differs from spec: {sorted(set(update.tensors) ^ set(expected))[:5]}"
     for name, t in update.tensors.items():

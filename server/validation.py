@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from edgetune.protocol import (
+    COMPRESSION_INT8,
     DTYPE_NAMES,
     GROUP_PRIVATE,
     AdapterSpec,
@@ -16,6 +17,8 @@ from edgetune.protocol import (
     TensorEntry,
     UpdateMeta,
     decode_payload,
+    decompress_tensors,
+    int8_wire_schema,
     parse_header,
 )
 
@@ -47,20 +50,45 @@ def from_protocol_error(exc: ProtocolError) -> ApiError:
 
 @dataclass(frozen=True)
 class ValidatedUpdate:
+    """A checked upload; ``tensors`` are float values (int8 uploads come back dequantized)."""
+
     meta: UpdateMeta
     tensors: dict[str, torch.Tensor]
 
 
+def expected_wire_schema(
+    spec: AdapterSpec, dtype: str, compression: str, bundles: tuple[str, ...] | None
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (safetensors dtype, shape) of a valid upload with this metadata."""
+    if bundles is not None:
+        unknown = sorted(set(bundles) - set(spec.upload_bundles()))
+        if unknown:
+            raise ApiError(
+                422,
+                "bad_bundles",
+                f"bundles {unknown} do not exist for kind={spec.kind!r}; "
+                f"allowed: {sorted(spec.upload_bundles())}",
+            )
+    expected = spec.upload_tensors(bundles)
+    if compression == COMPRESSION_INT8:
+        return int8_wire_schema(expected)
+    return {n: (DTYPE_NAMES[dtype], t.shape) for n, t in expected.items()}
+
+
 def check_tensor_schema(
-    entries: Mapping[str, tuple[str, tuple[int, ...]]], spec: AdapterSpec, dtype: str
+    entries: Mapping[str, tuple[str, tuple[int, ...]]],
+    spec: AdapterSpec,
+    dtype: str,
+    compression: str = "none",
+    bundles: tuple[str, ...] | None = None,
 ) -> None:
-    """Exact key set, shapes and one dtype; ``entries`` maps name -> (safetensors dtype, shape)."""
+    """Exact key set, shapes and dtypes; ``entries`` maps name -> (safetensors dtype, shape)."""
     private = sorted(n for n in entries if n.split(".", 1)[0] == GROUP_PRIVATE)
     if private:
         raise ApiError(
             422, "private_tensor", f"private tensors must never be uploaded: {private[:5]}"
         )
-    expected = spec.upload_tensors()
+    expected = expected_wire_schema(spec, dtype, compression, bundles)
     missing = sorted(set(expected) - set(entries))
     if missing:
         raise ApiError(
@@ -71,17 +99,20 @@ def check_tensor_schema(
         raise ApiError(
             422, "unexpected_tensors", f"{len(extra)} tensors not in the spec, e.g. {extra[:5]}"
         )
-    tag = DTYPE_NAMES[dtype]
     for name, (etype, shape) in entries.items():
-        if tuple(shape) != expected[name].shape:
+        tag, want = expected[name]
+        if tuple(shape) != want:
             raise ApiError(
                 422,
                 "shape_mismatch",
-                f"tensor {name!r} has shape {list(shape)}, expected {list(expected[name].shape)}",
+                f"tensor {name!r} has shape {list(shape)}, expected {list(want)}",
             )
         if etype != tag:
             raise ApiError(
-                422, "bad_dtype", f"tensor {name!r} has dtype {etype}, metadata declares {dtype}"
+                422,
+                "bad_dtype",
+                f"tensor {name!r} has dtype {etype}, expected {tag} "
+                f"(dtype {dtype}, compression {compression})",
             )
 
 
@@ -136,9 +167,11 @@ def validate_update(
     except ProtocolError as exc:
         raise from_protocol_error(exc) from exc
     _check_meta(meta, spec, round_id, max_samples, allowed_dtypes)
-    check_tensor_schema(_entry_view(entries), spec, meta.dtype)
+    check_tensor_schema(_entry_view(entries), spec, meta.dtype, meta.compression, meta.bundles)
     try:
-        tensors = decode_payload(body).tensors
+        wire = decode_payload(body).tensors
+        check_finite({n: t for n, t in wire.items() if t.is_floating_point()})
+        tensors = decompress_tensors(wire, meta.compression)
     except ProtocolError as exc:
         raise from_protocol_error(exc) from exc
     check_finite(tensors)

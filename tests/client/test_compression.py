@@ -1,0 +1,132 @@
+"""int8 compression with error feedback, the family-bundle period and their wire metadata."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgetune.compression import (
+    ErrorFeedback,
+    bundles_to_send,
+    compress_update,
+    family_due,
+    select_bundles,
+    wire_group,
+)
+from edgetune.errors import ConfigError
+from edgetune.protocol import (
+    SCALE_SUFFIX,
+    AdapterSpec,
+    ProtocolError,
+    UpdateMeta,
+    decode_payload,
+    decompress_tensors,
+    dequantize_int8,
+    encode_update,
+    quantize_int8,
+)
+
+
+def _spec(kind: str = "fedadapter") -> AdapterSpec:
+    extra = {"lora_modules": (("l0.query", 8, 8),)} if kind == "lora" else {}
+    return AdapterSpec("fam", "fp-fam", d_model=8, n_layers=2, rank=4, kind=kind, n_anchors=1,
+                       n_classes=3, **extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 300.0])
+def test_int8_round_trip_error_is_at_most_half_a_step(scale: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 33, generator=gen) * scale
+    q, s = quantize_int8(t)
+    assert q.dtype == torch.int8 and s.shape == (1,) and s.dtype == torch.float32
+    assert int(q.abs().max()) == 127
+    err = (dequantize_int8(q, s) - t).abs()
+    assert float(err.max()) <= float(s) / 2 * (1 + 1e-5)
+
+
+def test_int8_zeros_and_non_finite() -> None:
+    q, s = quantize_int8(torch.zeros(5))
+    assert float(s) == 0.0 and not q.any()
+    with pytest.raises(ProtocolError):
+        quantize_int8(torch.tensor([1.0, float("nan")]))
+
+
+def test_error_feedback_keeps_cumulative_sum_on_track() -> None:
+    """sum(sent) = sum(true) - residual, and the residual stays within half a step."""
+    gen = torch.Generator().manual_seed(1)
+    ef = ErrorFeedback()
+    true_sum, sent_sum, plain_sum = torch.zeros(200), torch.zeros(200), torch.zeros(200)
+    for _ in range(50):
+        # a persistent small component the plain quantizer rounds away every time
+        t = torch.randn(200, generator=gen) * 0.01 + 0.002
+        t[0] = 1.0  # sets the scale: 1/127 per step, far above the 0.002 drift
+        wire, tag = compress_update({"x": t}, ef)
+        assert tag == "int8"
+        sent = decompress_tensors(wire, tag)["x"]
+        plain = decompress_tensors(compress_update({"x": t}, None)[0], "int8")["x"]
+        true_sum, sent_sum, plain_sum = true_sum + t, sent_sum + sent, plain_sum + plain
+        step = float(wire["x" + SCALE_SUFFIX])
+        assert torch.allclose(true_sum - sent_sum, ef.residual["x"], atol=1e-5)
+        assert float(ef.residual["x"].abs().max()) <= step / 2 * (1 + 1e-4)
+    assert float((true_sum - sent_sum).abs().max()) < 0.01
+    assert float((true_sum - plain_sum).abs().max()) > 0.05  # without feedback it drifts
+
+
+def test_error_feedback_state_round_trips() -> None:
+    ef = ErrorFeedback()
+    ef.compress({"a": torch.randn(4, 4)})
+    other = ErrorFeedback()
+    other.load_state_dict(ef.state_dict())
+    assert torch.equal(other.residual["a"], ef.residual["a"])
+
+
+def test_compress_update_none_and_bad_method() -> None:
+    tensors = {"global.anchor1.q": torch.ones(4)}
+    wire, tag = compress_update(tensors, ErrorFeedback(), "none")
+    assert tag == "none" and wire == tensors
+    with pytest.raises(ConfigError):
+        compress_update(tensors, None, "zstd")
+
+
+def test_family_due_and_bundles() -> None:
+    assert [family_due(r, 3, final_round=7) for r in range(1, 8)] == [
+        False, False, True, False, False, True, True,
+    ]  # fmt: skip
+    assert all(family_due(r, 1) for r in range(1, 5))
+    with pytest.raises(ConfigError):
+        family_due(1, 0)
+    spec = _spec()
+    assert bundles_to_send(spec, 1, 2, final_round=5) == ("global",)
+    assert bundles_to_send(spec, 2, 2, final_round=5) is None
+    assert bundles_to_send(_spec("lora"), 1, 2) is None  # LoRA has no separate global branch
+    full = {n: torch.zeros(t.shape) for n, t in spec.upload_tensors().items()}
+    only = select_bundles(full, spec, ("global",))
+    assert set(only) == set(spec.global_tensors())
+    assert wire_group("global.anchor1.C" + SCALE_SUFFIX) == "global"
+    assert wire_group("family.head.weight") == "family"
+
+
+def test_int8_update_metadata_round_trip() -> None:
+    spec = _spec()
+    tensors = {n: torch.randn(t.shape) for n, t in spec.upload_tensors(("global",)).items()}
+    wire, tag = compress_update(tensors, ErrorFeedback())
+    body = encode_update(wire, spec, 3, 10, {"loss": 0.5}, compression=tag, bundles=("global",))
+    payload = decode_payload(body)
+    meta = UpdateMeta.from_metadata(payload.metadata)
+    assert meta.compression == "int8" and meta.bundles == ("global",)
+    back = decompress_tensors(payload.tensors, meta.compression)
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        step = float(payload.tensors[name + SCALE_SUFFIX])
+        assert float((back[name] - t).abs().max()) <= step / 2 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("bad", ["", "global,global", "private", "global,lora"])
+def test_bad_bundles_metadata_is_rejected(bad: str) -> None:
+    spec = _spec()
+    md = UpdateMeta("fam", 1, spec.spec_hash, spec.fingerprint, 5).to_metadata()
+    md["edgetune.protocol"] = "1"
+    md["edgetune.bundles"] = bad
+    with pytest.raises(ProtocolError) as err:
+        UpdateMeta.from_metadata(md)
+    assert err.value.code == "bad_bundles"
