@@ -147,6 +147,24 @@ def markdown_table(results: list[AotResult]) -> str:
     return "\n".join(lines)
 
 
+def _meta() -> dict[str, object]:
+    """Versions and commit for the JSON record (no GPU is involved in AOT compilation)."""
+    import platform
+    import subprocess
+
+    import triton
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True)
+    return {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": git.stdout.strip(),
+        "ptxas": "bundled with triton (triton/backends/nvidia/bin/ptxas)",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--caps", type=int, nargs="+", default=[87, 89, 90])
@@ -159,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     results = compile_all(tuple(args.caps), args.workers)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+            json.dump({"meta": _meta(), "results": [asdict(r) for r in results]}, f, indent=1)
     if args.markdown:
         print(markdown_table(results))
     over = [r for r in results if r.shared > r.shared_limit]
