@@ -219,7 +219,7 @@ def _read_image(path: str | Path) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))  # a writable copy
     except (OSError, UnidentifiedImageError) as err:
         raise ConfigError(f"image {path}: cannot be read ({err})") from err
 

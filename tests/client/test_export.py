@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import onnx
@@ -141,6 +142,27 @@ def test_token_gate_exports_and_matches_torch(tmp_path):
         inputs = feeds(batch, seq)
         out = session.run(["logits"], inputs)[0]
         np.testing.assert_allclose(out, torch_logits(task, inputs), atol=1e-4, rtol=0)
+
+
+def test_image_model_exports_and_cli_classifies_an_image_file(tmp_path, capsys):
+    from PIL import Image
+
+    from edgetune.zoo import load_backbone
+
+    vit = load_backbone("tiny-vit-d64-l2")
+    task = trained_model(vit, 5, tmp_path / "a.safetensors", AdapterConfig(rank=8))
+    export_model(vit, tmp_path / "a.safetensors", tmp_path / "export", labels=list("abcd"))
+    image = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    with torch.no_grad():
+        expected = task(vit.preprocess(np.stack([image, image]))).numpy()
+    got = OnnxClassifier(tmp_path / "export").logits([tmp_path / "x.png", image])
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    argv = ["infer", "--model", str(tmp_path / "export"), "--image", str(tmp_path / "x.png")]
+    args = _parser().parse_args([*argv, "--json"])
+    assert args.func(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["label"] == "abcd"[int(expected[0].argmax())]
 
 
 def test_token_gate_cannot_merge():
