@@ -6,14 +6,18 @@ import pytest
 import torch
 
 from edgetune.compression import ErrorFeedback, compress_update
+from edgetune.profile import CLIENT_METRICS, profile_backbone
 from edgetune.protocol import (
     SCALE_SUFFIX,
     AdapterSpec,
+    UpdateMeta,
     decompress_tensors,
     encode_update,
+    initial_tensors,
 )
+from edgetune.transport import ServerClient
 
-from .conftest import ApiClient, random_update, small_spec, wait_for_round
+from .conftest import JOIN_TOKEN, ApiClient, random_update, small_spec, wait_for_round
 
 
 def _body(c: ApiClient, tensors: dict, round_id: int, n: int, **kw) -> bytes:
@@ -124,3 +128,62 @@ def test_lora_has_no_global_bundle(live_server) -> None:
     assert r.status_code == 422 and r.json()["error"] == "bad_bundles"
     wire = compress_update(tensors, ErrorFeedback())[0]
     assert c.put(1, _body(c, wire, 1, 5, compression="int8")).status_code == 201
+
+
+def _spec_of() -> AdapterSpec:
+    from edgetune.adapters import AdapterConfig
+    from edgetune.lora import LoraConfig
+    from edgetune.profile import build_setup
+    from edgetune.zoo import load_backbone
+
+    setup = build_setup(load_backbone("tiny-bert-d32-l2"), "fedadapter", 3, AdapterConfig(rank=4),
+                        LoraConfig())  # fmt: skip
+    assert setup.spec is not None
+    return setup.spec
+
+
+def test_bytes_match_what_the_client_sends_and_receives(live_server) -> None:
+    """Profile's upload/download sizes == the bodies ServerClient actually PUTs and GETs."""
+    srv = live_server(min_clients=5)
+    for compression in ("none", "int8"):
+        prof = profile_backbone(
+            "tiny-bert-d32-l2", adapter="fedadapter", batch=2, seq=8, rank=4, n_classes=3,
+            timing=False, compression=compression, family_every=2,
+        )  # fmt: skip
+        client = ServerClient(srv.url, retries=0)
+        spec = _spec_of()
+        client.register(JOIN_TOKEN, spec, "fp32")
+        info = client.current_round()
+        down0 = client.bytes_down
+        client.download(info["downloads"]["family"])
+        family_down = client.bytes_down - down0
+        client.download(info["downloads"]["global"])
+        assert family_down == prof["bytes"]["download"]["family"]
+        assert client.bytes_down - down0 - family_down == prof["bytes"]["download"]["global"]
+        glob, fam = initial_tensors(spec, seed=0)
+        _upload(client, info["upload"], {**glob, **fam}, spec, compression)
+        assert client.bytes_up == prof["bytes"]["upload"]["full"]
+        other = ServerClient(srv.url, retries=0)
+        other.register(JOIN_TOKEN, spec, "int8")
+        path = other.current_round()["upload"]
+        _upload(other, path, glob, spec, compression, bundles=("global",))
+        assert other.bytes_up == prof["bytes"]["upload"]["global_only"]
+        wire = prof["bytes"]
+        assert (
+            wire["upload_per_round"] == (wire["upload"]["full"] + wire["upload"]["global_only"]) / 2
+        )
+        client.close()
+        other.close()
+
+
+def _upload(
+    client: ServerClient, path: str, tensors: dict, spec, compression: str, bundles=None
+) -> None:
+    from edgetune.compression import ErrorFeedback, compress_update
+
+    wire, tag = compress_update(tensors, ErrorFeedback() if compression != "none" else None,
+                                compression)  # fmt: skip
+    meta = UpdateMeta(spec.family, 1, spec.spec_hash, spec.fingerprint,
+                      int(CLIENT_METRICS["samples"]), compression=tag,
+                      metrics=dict(CLIENT_METRICS), bundles=bundles)  # fmt: skip
+    client.upload(path, wire, meta)

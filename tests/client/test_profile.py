@@ -1,0 +1,114 @@
+"""`edgetune profile`: FLOPs pinned to hand-computed formulas, bytes to what is actually sent."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from edgetune.kernels.op import adapter_backward_flops, adapter_flops
+
+from edgetune.profile import (
+    format_table,
+    profile_backbone,
+    register_cli,
+    update_bytes,
+)
+from edgetune.protocol import initial_tensors
+
+# tiny-bert-d32-l2: width d, FFN width 4d, 2 heads, 2 blocks; batch B x sequence S, C classes.
+B, S, D, FF, L, C, R = 2, 8, 32, 128, 2, 3, 4
+T = B * S
+LINEAR = 2 * T * (4 * D * D + 2 * D * FF)  # Q, K, V, attention output, FFN in + out, per block
+BMM = 2 * B * S * S * D  # one attention matmul (scores or probs @ V), all heads, per block
+ATTN = 2 * BMM  # forward attention per block
+HEAD = 2 * B * D * C
+
+
+def _profile(adapter: str, **kw) -> dict:
+    return profile_backbone(
+        "tiny-bert-d32-l2", adapter=adapter, batch=B, seq=S, rank=R, lora_rank=R,
+        n_classes=C, timing=False, **kw,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def profiles() -> dict[str, dict]:
+    return {a: _profile(a) for a in ("fedadapter", "lora", "full")}
+
+
+def test_forward_flops(profiles) -> None:
+    backbone = L * (LINEAR + ATTN) + HEAD
+    # both blocks are anchors (K=2 of L=2): 3 branches each
+    assert profiles["full"]["flops"]["forward"] == backbone
+    assert profiles["fedadapter"]["flops"]["forward"] == backbone + L * adapter_flops(T, D, R, 3, D)
+    lora = 2 * T * (D * R + R * D)  # per adapted module (query and value of every block)
+    assert profiles["lora"]["flops"]["forward"] == backbone + 2 * L * lora
+
+
+def test_train_step_flops(profiles) -> None:
+    fwd = L * (LINEAR + ATTN) + HEAD
+    # full fine-tuning: every linear computes dW and dx (2x its forward), attention backward
+    # is 4 matmuls, the head dW and dx
+    assert profiles["full"]["flops"]["train_step"] == fwd + 2 * L * LINEAR + L * 2 * ATTN + 2 * HEAD
+    # FedAdapter: block 0 backpropagates into its adapter only (no dx: nothing below trains);
+    # block 1 into everything (dx only, the backbone is frozen); the head dW and dx
+    fed = fwd + L * adapter_flops(T, D, R, 3, D)
+    fed += adapter_backward_flops(T, D, R, 3, D, need_dx=False)
+    fed += LINEAR + 2 * ATTN + adapter_backward_flops(T, D, R, 3, D, need_dx=True)
+    assert profiles["fedadapter"]["flops"]["train_step"] == fed + 2 * HEAD
+    # LoRA (query, value): block 0 needs dQ and dV, so its attention (3 of 4 matmuls), output
+    # projection and FFN propagate dx; each LoRA module computes dB, dA (+ dx above block 0)
+    lora_fwd = fwd + 2 * L * 2 * T * 2 * D * R
+    block0 = 3 * BMM + 2 * T * (D * D + 2 * D * FF) + 2 * 3 * 2 * T * D * R
+    block1 = LINEAR + 2 * ATTN + 2 * 4 * 2 * T * D * R
+    assert profiles["lora"]["flops"]["train_step"] == lora_fwd + block0 + block1 + 2 * HEAD
+
+
+def test_parameter_counts(profiles) -> None:
+    fed, lora, full = (profiles[a]["params"] for a in ("fedadapter", "lora", "full"))
+    per_block = D * R + R + R * D + D + 3 * (R * R + R) + 3  # D, b_D, U, b_U, 3 branches, gate
+    assert fed["trainable"] == L * per_block + D * C + C
+    assert lora["trainable"] == 2 * L * 2 * D * R + D * C + C
+    assert full["trainable"] == full["total"]
+    assert fed["total"] - fed["trainable"] == full["total"] - D * C - C
+
+
+def _spec_of(prof: dict):
+    from edgetune.adapters import AdapterConfig
+    from edgetune.lora import LoraConfig
+    from edgetune.profile import build_setup
+    from edgetune.zoo import load_backbone
+
+    return build_setup(load_backbone(prof["backbone"]), "fedadapter", C, AdapterConfig(rank=R),
+                       LoraConfig()).spec  # fmt: skip
+
+
+def test_int8_upload_is_about_a_quarter(profiles) -> None:
+    spec = _spec_of(profiles["fedadapter"])
+    glob, fam = initial_tensors(spec, seed=0)
+    tensors = {**glob, **fam}
+    plain, int8 = update_bytes(spec, tensors), update_bytes(spec, tensors, "int8")
+    data = sum(t.numel() for t in tensors.values())
+    assert int8 < plain and plain - int8 >= 3 * data - 8 * len(tensors) - 4096
+
+
+def test_timing_memory_table_and_cli(capsys) -> None:
+    result = profile_backbone("tiny-bert-d32-l2", adapter="fedadapter", batch=B, seq=S,
+                              rank=R, n_classes=C, runs=2, warmup=1)  # fmt: skip
+    for name in ("forward", "train_step"):
+        stats = result["latency"][name]
+        assert 0 < stats["median_ms"] <= stats["p90_ms"] and stats["runs"] == 2
+    assert result["memory"]["peak_bytes"] >= 0
+    est = result["memory_estimate"]
+    assert est["saved_activations"] > 0 and est["train_bytes"] > est["weights"]
+    assert "train step GFLOPs" in format_table(result)
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    args = parser.parse_args(["profile", "--backbone", "tiny-bert-d32-l2", "--adapter", "full",
+                              "--batch", "2", "--seq", "8", "--runs", "1", "--json"])  # fmt: skip
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["adapter"] == "full" and out["flops"]["train_step"] > 0
+    assert torch.get_num_threads() >= 1
