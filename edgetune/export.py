@@ -30,6 +30,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import logging
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -286,7 +287,9 @@ def _sample_inputs(backbone: Backbone) -> tuple[list[Tensor], list[dict], list[s
     return [ids, mask], [{0: batch, 1: seq}, {0: batch, 1: seq}], ["input_ids", "attention_mask"]
 
 
-def _trace_to_onnx(backbone: Backbone, task: nn.Module, config: AdapterConfig, tensors, merged):
+def _trace_to_onnx(
+    backbone: Backbone, task: nn.Module, config: AdapterConfig, tensors, merged, opset: int
+):
     """torch.onnx (dynamo) export with the adapter tensors as graph inputs -> ModelProto."""
     wrappers = {i: task.body.get_submodule(p) for i, p in enumerate(backbone.spec.ffn_paths)}
     layouts = layer_layouts(config, backbone.spec.num_layers)
@@ -301,15 +304,21 @@ def _trace_to_onnx(backbone: Backbone, task: nn.Module, config: AdapterConfig, t
             wrappers[block].adapter = stand_in
         task.head = _ExportHead(feed)
         model = _ExportModel(task, feed, names).eval()
-        return _onnx_export(model, (sample, adapter_args), [*input_names, *names], dynamic)
+        args = (sample, adapter_args)
+        return _onnx_export(model, args, [*input_names, *names], dynamic, opset)
     finally:
         for block, original in originals.items():
             wrappers[block].adapter = original
         task.head = head
 
 
-def _onnx_export(model: nn.Module, args: tuple, input_names: list[str], dynamic: list[dict]):
+def _onnx_export(
+    model: nn.Module, args: tuple, input_names: list[str], dynamic: list[dict], opset: int
+):
     n_adapter = len(input_names) - len(dynamic)
+    # "torchvision is not installed. Skipping torchvision::nms" and alike, once per process
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # an INFO line per deduplication
     with warnings.catch_warnings():
         # the batch/seq Dims are shared by both text inputs on purpose; LeafSpec is torch's own
         warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
@@ -324,6 +333,7 @@ def _onnx_export(model: nn.Module, args: tuple, input_names: list[str], dynamic:
             custom_translation_table={torch.ops.edgetune.fused_adapter.default: fused_adapter_onnx},
             optimize=True,
             verbose=False,
+            opset_version=opset,
         )
     return program.model_proto
 
@@ -363,7 +373,14 @@ def quantize_int4(
         op_types_to_quantize=op_types,
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
-    quantizer.process()
+    quantizer_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quantizer_log.level
+    quantizer_log.setLevel(logging.WARNING)  # one INFO line per node otherwise
+    try:
+        with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks: ORT uses 8
+            quantizer.process()
+    finally:
+        quantizer_log.setLevel(level)
     out = quantizer.model.model
     if not any(n.op_type == "MatMulNBits" for n in out.graph.node):
         raise ConfigError("int4 export: the quantizer produced no MatMulNBits node")
@@ -430,7 +447,9 @@ def export_model(
     layout = "merged" if merge else "wire"
     tensors = graph_tensors(wire, handle.config, backbone.spec.num_layers, layout)
     manifest = _manifest(backbone, handle.config, tensors, labels, layout, int4)
-    model = _trace_to_onnx(backbone, task, handle.config, tensors, merge)
+    # int4 embeddings (GatherBlockQuantized) carry 4-bit tensors, which need opset 21
+    opset = 21 if int4 else 18
+    model = _trace_to_onnx(backbone, task, handle.config, tensors, merge, opset)
     add_default_initializers(model, tensors)
     if int4:
         model = quantize_int4(model, set(tensors))

@@ -249,12 +249,15 @@ def test_wrong_shape_or_nan_tensor_is_refused(l6, tmp_path):
 
 # -- 4-bit -------------------------------------------------------------------------------------
 def test_int4_export_uses_matmulnbits_and_stays_close(l3, minilm_l3, tmp_path):
-    """4-bit weights: cosine >= 0.99 and SNR >= 15 dB against the fp32 export's logits.
+    """4-bit weights: logit SNR >= 15 dB and cosine >= 0.985 against the fp32 export.
 
-    Blockwise symmetric int4 (block 32) has a per-weight relative RMS error of about 8-10%;
-    through 3 blocks of LayerNorm'd residual stream the logit error measured here is about
-    3-5% RMS (SNR ~ 25-30 dB, cosine > 0.998). 15 dB / 0.99 leaves room across seeds and
-    machines, yet fails on a broken quantization (wrong scales give SNR near 0 dB).
+    Why 15 dB: asymmetric 4-bit blocks of 32 have a step of range/15, so a weight's rounding
+    error is about range/52 RMS; a block of 32 Gaussian weights spans ~4 sigma, so each layer's
+    weights carry ~22 dB SNR, and the error adds up over the blocks. Measured on MiniLM-L3 with
+    random rank-16 adapters: 13.7-22.4 dB over adapters and inputs, 19.8 dB / cosine 0.995 for
+    this exact case (fixed seeds, so deterministic); MiniLM-L6: 17.1-17.7 dB (bench_onnx).
+    A broken quantization (wrong scales, zero points or axis) lands near 0 dB. For uncorrelated
+    noise cosine = 1 / sqrt(1 + 1/SNR), so 15 dB corresponds to cosine 0.985: both agree.
     """
     export_model(minilm_l3, l3["root"] / "a.safetensors", tmp_path / "int4", int4=True)
     model = onnx.load(str(tmp_path / "int4" / MODEL_FILE))
@@ -268,7 +271,7 @@ def test_int4_export_uses_matmulnbits_and_stays_close(l3, minilm_l3, tmp_path):
     got = OnnxClassifier(tmp_path / "int4").session.run(["logits"], inputs)[0].ravel()
     snr_db = 10 * np.log10((ref**2).sum() / ((got - ref) ** 2).sum())
     cosine = ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)
-    assert snr_db >= 15 and cosine >= 0.99, (snr_db, cosine)
+    assert snr_db >= 15 and cosine >= 0.985, (snr_db, cosine)
     size_fp32 = (l3["root"] / "export" / MODEL_FILE).stat().st_size
     assert (tmp_path / "int4" / MODEL_FILE).stat().st_size < 0.6 * size_fp32
 
