@@ -55,6 +55,12 @@ HTTP flow (all under ``/v1``; errors are JSON ``{"error": code, "detail": messag
    ``Content-Type: application/octet-stream`` -> 201; an identical retry -> 200; a different
    second upload -> 409 ``duplicate_upload``; a closed/other round -> 409 ``round_closed`` with
    ``current_round``. Global tensors are ``trained - downloaded`` deltas, family tensors values.
+   Communication knobs (both optional, in the update metadata):
+   ``edgetune.bundles = "global"``: a partial FedAdapter update holding the global branch only
+   (the family bundle goes every P rounds); the server averages each family bundle over the
+   clients that sent it and merges the global deltas of all. ``edgetune.compression = "int8"``:
+   every tensor ``<name>`` travels as I8 plus ``<name>.__scale__`` (F32, [1]); the server checks
+   names, shapes, dtypes and finiteness, then uses ``q * scale`` (the blob is stored as sent).
 5. ``GET /v1/status`` (join or client token), ``GET /v1/health``, ``GET /v1/openapi.json``.
 """
 
