@@ -33,7 +33,7 @@ from torch import Tensor
 
 NAMES = ("x", "D", "b_D", "C", "q", "alpha", "U", "b_U", "residual")
 SCALE = 0.75
-COMPOSITION_ORDERINGS = 3  # extra summation orders of the composition (see composition_error)
+COMPOSITION_ORDERINGS = 2  # extra summation orders of the composition (see composition_error)
 
 # per-dtype tolerance table: (max ratio to the composition's error, floor in ulps of max|ref|)
 TOLERANCE = {
