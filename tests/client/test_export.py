@@ -224,6 +224,26 @@ def test_adapter_of_another_family_is_refused(l6, l3):
         l3["clf"].adapter(l3["root"] / "merged" / ADAPTER_FILE)
 
 
+def test_adapter_of_other_weights_of_the_family_is_refused(l6, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = l6["root"] / "b.safetensors"
+    meta = safe_metadata(path)
+    meta["edgetune.fingerprint"] = "0" * 16
+    save_file(load_file(str(path)), str(tmp_path / "other.safetensors"), metadata=meta)
+    with pytest.raises(ConfigError, match=r"backbone fingerprint '0{16}' does not match"):
+        l6["clf"].adapter(tmp_path / "other.safetensors")
+    with pytest.raises(ConfigError, match=r"backbone fingerprint '0{16}' does not match"):
+        convert_adapter(tmp_path / "other.safetensors", l6["root"] / "export", tmp_path / "x")
+
+
+def safe_metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return dict(handle.metadata())
+
+
 def test_wrong_shape_or_nan_tensor_is_refused(l6, tmp_path):
     manifest = l6["clf"].manifest
     good = ort.AdapterFormat.read_adapter(str(l6["root"] / "export" / ADAPTER_FILE))
