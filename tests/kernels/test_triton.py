@@ -135,3 +135,18 @@ def test_aot_compiles_every_config_for_sm87_sm89_sm90(tmp_path: Path) -> None:
     for r in rows:
         assert r["cubin_bytes"] > 0, r
         assert 0 <= r["shared"] <= SHARED_LIMIT[r["cap"]], r
+
+
+def test_triton_autograd_function_matches_reference() -> None:
+    """The Triton path's own autograd.Function (direct use, e.g. GPU benchmarks)."""
+    case = Case(21, 24, 8, 2, True, True, torch.float32, d_out=19)
+    inp = make_inputs(case)
+    mine = [inp[k].float().requires_grad_() for k in (*PARAMS, "residual")]
+    ref = [inp[k].clone().requires_grad_() for k in (*PARAMS, "residual")]
+    out = triton_path.TritonFusedAdapter.apply(*mine[:8], SCALE, mine[8])
+    out.backward(inp["grad"].float())
+    reference_adapter(*ref[:8], SCALE, ref[8]).backward(inp["grad"])
+    want = reference_adapter(*ref[:8], SCALE, ref[8])
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
