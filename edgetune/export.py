@@ -35,6 +35,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +47,11 @@ from edgetune.adapter_handle import META_CONFIG, META_FAMILY, META_FINGERPRINT
 from edgetune.adapters import AdapterConfig, apply_fedadapter
 from edgetune.errors import ConfigError
 from edgetune.zoo import Backbone, load_backbone
+
+if TYPE_CHECKING:
+    import onnx
+
+    from edgetune.adapter_handle import AdapterHandle
 
 MODEL_FILE = "model.onnx"
 ADAPTER_FILE = "adapter.onnx_adapter"
@@ -257,7 +263,9 @@ class ExportResult:
     manifest: dict
 
 
-def load_adapted(backbone: str | Backbone, adapter_path: str | Path):
+def load_adapted(
+    backbone: str | Backbone, adapter_path: str | Path
+) -> tuple[Backbone, nn.Module, AdapterHandle]:
     """(backbone, task model in eval mode, handle) with the adapter file loaded, fp32."""
     from edgetune.heads import build_task_model
 
@@ -338,7 +346,7 @@ def _onnx_export(
     return program.model_proto
 
 
-def add_default_initializers(model, tensors: dict[str, np.ndarray]) -> None:
+def add_default_initializers(model: onnx.ModelProto, tensors: dict[str, np.ndarray]) -> None:
     """Give each adapter graph input an initializer of the same name: an overridable default."""
     from onnx import numpy_helper
 
@@ -351,8 +359,11 @@ def add_default_initializers(model, tensors: dict[str, np.ndarray]) -> None:
 
 
 def quantize_int4(
-    model, adapter_names: set[str], block_size: int = INT4_BLOCK, embeddings: bool = True
-):
+    model: onnx.ModelProto,
+    adapter_names: set[str],
+    block_size: int = INT4_BLOCK,
+    embeddings: bool = True,
+) -> onnx.ModelProto:
     """Backbone weights -> 4-bit (asymmetric, blocks along K); adapter tensors stay fp32.
 
     MatMul weights become `MatMulNBits`; with `embeddings` the token/position embedding tables
@@ -385,20 +396,6 @@ def quantize_int4(
     if not any(n.op_type == "MatMulNBits" for n in out.graph.node):
         raise ConfigError("int4 export: the quantizer produced no MatMulNBits node")
     return out
-
-
-def write_ort_adapter(path: str | Path, tensors: dict[str, np.ndarray], manifest: dict) -> Path:
-    """Write `tensors` as an onnxruntime AdapterFormat file tagged with the export's layout id."""
-    import onnxruntime as ort
-
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(LAYOUTS[manifest["layout"]])
-    fmt.set_model_version(manifest["layout_id"])
-    fmt.set_parameters(
-        {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for n, v in tensors.items()}
-    )
-    fmt.export_adapter(str(path))
-    return Path(path)
 
 
 def _manifest(backbone: Backbone, config: AdapterConfig, tensors, labels, layout, int4) -> dict:
@@ -456,6 +453,8 @@ def export_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(out / MODEL_FILE))
+    from edgetune.infer import write_ort_adapter  # infer imports this module at load
+
     adapter_file = write_ort_adapter(out / ADAPTER_FILE, tensors, manifest)
     if backbone.tokenizer is not None:
         backbone.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
@@ -463,17 +462,11 @@ def export_model(
     return ExportResult(out, out / MODEL_FILE, adapter_file, manifest)
 
 
-def convert_adapter(adapter_path: str | Path, model_dir: str | Path, out: str | Path) -> Path:
-    """Write a client's safetensors adapter as an .onnx_adapter for an existing export."""
-    from edgetune.infer import load_manifest, tensors_for_export
-
-    manifest = load_manifest(model_dir)
-    return write_ort_adapter(out, tensors_for_export(adapter_path, manifest), manifest)
-
-
 # -- CLI ---------------------------------------------------------------------------------------
 def _cmd_export(args: argparse.Namespace) -> int:
     if args.into is not None:
+        from edgetune.infer import convert_adapter
+
         out = args.into / (Path(args.adapter).stem + ".onnx_adapter")
         print(f"adapter for {args.into}: {convert_adapter(args.adapter, args.into, out)}")
         return 0

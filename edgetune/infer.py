@@ -103,6 +103,26 @@ def tensors_for_export(adapter_path: str | Path, manifest: dict) -> dict[str, np
     return out
 
 
+def write_ort_adapter(path: str | Path, tensors: dict[str, np.ndarray], manifest: dict) -> Path:
+    """Write `tensors` as an onnxruntime AdapterFormat file tagged with the export's layout id."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(LAYOUTS[manifest["layout"]])
+    fmt.set_model_version(manifest["layout_id"])
+    fmt.set_parameters(
+        {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for n, v in tensors.items()}
+    )
+    fmt.export_adapter(str(path))
+    return Path(path)
+
+
+def convert_adapter(adapter_path: str | Path, model_dir: str | Path, out: str | Path) -> Path:
+    """Write a client's safetensors adapter as an .onnx_adapter for an existing export."""
+    manifest = load_manifest(model_dir)
+    return write_ort_adapter(out, tensors_for_export(adapter_path, manifest), manifest)
+
+
 def read_ort_adapter(path: str | Path, manifest: dict) -> LoadedAdapter:
     """Validate an .onnx_adapter file against the export, then load it as a LoraAdapter."""
     import onnxruntime as ort

@@ -20,16 +20,10 @@ import torch
 
 from edgetune.adapters import AdapterConfig, apply_fedadapter
 from edgetune.errors import ConfigError
-from edgetune.export import (
-    ADAPTER_FILE,
-    MODEL_FILE,
-    convert_adapter,
-    export_model,
-    graph_tensors,
-)
+from edgetune.export import ADAPTER_FILE, MODEL_FILE, export_model, graph_tensors
 from edgetune.export import register_cli as register_export
 from edgetune.heads import build_task_model
-from edgetune.infer import OnnxClassifier
+from edgetune.infer import OnnxClassifier, convert_adapter
 from edgetune.infer import register_cli as register_infer
 
 CONFIG = AdapterConfig(rank=16, n_anchors=2)
