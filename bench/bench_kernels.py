@@ -296,10 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable)")
+    p.add_argument(
+        "--repeats", type=int, default=11, help="interleaved repeats (more on a busy box)"
+    )
     p.add_argument("--out", default=str(ROOT / "bench/results/kernels.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    repeats, block_s = (2, 0.01) if args.quick else (11, 0.05)
+    repeats, block_s = (2, 0.01) if args.quick else (args.repeats, 0.05)
     started = time.time()
     info = machine()
     rows = run_table(repeats, block_s)
