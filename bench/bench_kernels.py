@@ -13,7 +13,8 @@ per-layer alpha (the default gate), with the residual add. Variants, same parame
   forward+backward adds g@U^T, u^T@g, x^T@dh, dh@D^T (6 GEMMs; the fused backward also
   recomputes x@D, so the bound is not reachable by design there: reported, no target).
 Timing: every repeat runs every variant in turn (interleaved, so drift hits all alike) and the
-headline numbers are ratios of medians from this one run. Peak memory of forward+backward is
+headline numbers are ratios of medians from this one run, of per-call CPU time (torch on one
+thread; see interleaved_medians), with wall-time medians and minima beside them. Peak memory of forward+backward is
 the peak RSS increase of one step in a fresh interpreter (VmHWM reset via /proc/self/clear_refs
 after a warm-up; MALLOC_MMAP_THRESHOLD_ pinned so freed tensors leave RSS at once).
 When CUDA is present the Triton kernel is timed too, with triton.testing.do_bench.
@@ -165,13 +166,17 @@ def check_same_math(c: dict[str, Any]) -> float:
 
 def interleaved_medians(
     fns: dict[str, Callable[[], Any]], repeats: int, block_s: float
-) -> tuple[dict[str, float], dict[str, float]]:
-    """(median, min) seconds per call of each variant; repeats interleave the variants.
+) -> dict[str, dict[str, float]]:
+    """Per variant: median CPU seconds, median wall seconds and min wall seconds per call.
 
-    Each repeat runs every variant for about `block_s` seconds (at least 3 calls), so the fast
-    shapes get enough samples and the slow ones finish.
+    Repeats interleave the variants; each repeat runs every variant for about `block_s`
+    seconds (at least 3 calls). CPU time (time.process_time, torch on one thread) is the
+    headline: on a shared machine wall time also counts the time other processes hold the
+    core, which hits whichever variant happens to run then; CPU time does not (cache and
+    memory-bandwidth contention still show). Wall medians are reported beside it.
     """
-    samples: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     calls = {}
     for name, fn in fns.items():
         fn()  # warm-up
@@ -181,11 +186,15 @@ def interleaved_medians(
     for _ in range(repeats):
         for name, fn in fns.items():
             for _ in range(calls[name]):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
-                samples[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    return med, {k: min(v) for k, v in samples.items()}
+                cpu[name].append(time.process_time() - c0)
+                wall[name].append(time.perf_counter() - t0)
+    return {
+        "cpu": {k: statistics.median(v) for k, v in cpu.items()},
+        "wall": {k: statistics.median(v) for k, v in wall.items()},
+        "wall_min": {k: min(v) for k, v in wall.items()},
+    }
 
 
 def peak_step_memory(variant: str, T: int, d: int) -> int:
@@ -258,8 +267,9 @@ def run_table(repeats: int, block_s: float) -> list[dict[str, Any]]:
     for T, d in SHAPES:
         c = make_case(T, d)
         err = check_same_math(c)
-        fwd, fwd_min = interleaved_medians(forward_fns(c), repeats, block_s)
-        step, step_min = interleaved_medians(step_fns(c), repeats, block_s)
+        t_fwd = interleaved_medians(forward_fns(c), repeats, block_s)
+        t_step = interleaved_medians(step_fns(c), repeats, block_s)
+        fwd, step = t_fwd["cpu"], t_step["cpu"]
         mem = {v: peak_step_memory(v, T, d) for v in ("unfused", "fused")}
         row = {
             "T": T,
@@ -267,16 +277,23 @@ def run_table(repeats: int, block_s: float) -> list[dict[str, Any]]:
             "r": RANK,
             "branches": BRANCHES,
             "max_abs_diff": err,
-            "fwd_ms": {k: v * 1e3 for k, v in fwd.items()},
+            "fwd_ms": {k: v * 1e3 for k, v in fwd.items()},  # median CPU time per call
             "fwd_bwd_ms": {k: v * 1e3 for k, v in step.items()},
             "speedup_fwd": fwd["unfused"] / fwd["fused"],
             "speedup_fwd_bwd": step["unfused"] / step["fused"],
             "fused_over_bound_fwd": fwd["fused"] / fwd["bound"],
             "fused_over_bound_fwd_bwd": step["fused"] / step["bound"],
-            "min_ms": {  # least-disturbed call, for reference on a shared machine
-                "fwd": {k: v * 1e3 for k, v in fwd_min.items()},
-                "fwd_bwd": {k: v * 1e3 for k, v in step_min.items()},
+            "wall_ms": {
+                kind: {k: v * 1e3 for k, v in t["wall"].items()}
+                for kind, t in (("fwd", t_fwd), ("fwd_bwd", t_step))
             },
+            "wall_min_ms": {
+                kind: {k: v * 1e3 for k, v in t["wall_min"].items()}
+                for kind, t in (("fwd", t_fwd), ("fwd_bwd", t_step))
+            },
+            "wall_speedup_fwd": t_fwd["wall"]["unfused"] / t_fwd["wall"]["fused"],
+            "wall_speedup_fwd_bwd": t_step["wall"]["unfused"] / t_step["wall"]["fused"],
+            "wall_fused_over_bound_fwd": t_fwd["wall"]["fused"] / t_fwd["wall"]["bound"],
             "peak_step_bytes": mem,
             "peak_ratio_fused_over_unfused": mem["fused"] / mem["unfused"],
             "cuda": cuda_triton_times(T, d),
