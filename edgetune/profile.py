@@ -109,15 +109,27 @@ def build_setup(
         return Setup(backbone, task, handle.trainable_parameters(), spec)
     handle = apply_fedadapter(backbone.model, bspec, adapter_config, head=task.head)
     spec = None
-    if adapter_config.blocks == "all":  # the wire protocol carries adapters on every block
+    first = first_block_of(adapter_config.blocks)
+    if first is not None:  # the wire protocol carries adapters on blocks first..L-1
         spec = AdapterSpec(
             kind=KIND_FEDADAPTER,
             rank=adapter_config.rank,
             n_anchors=adapter_config.n_anchors,
             gate=adapter_config.gate,
+            first_block=first,
             **common,
         )
     return Setup(backbone, task, handle.trainable_parameters(), spec)
+
+
+def first_block_of(blocks: str | tuple[int, ...]) -> int | None:
+    """AdapterSpec.first_block for ``AdapterConfig.blocks`` ("all" -> 0, "from:N" -> N), or
+    None when the blocks are an explicit list (not expressible on the wire)."""
+    if blocks == "all":
+        return 0
+    if isinstance(blocks, str) and blocks.startswith("from:") and blocks[5:].isdigit():
+        return int(blocks[5:])
+    return None
 
 
 def random_batch(backbone: Backbone, batch: int, seq: int, n_classes: int) -> tuple[dict, Tensor]:
@@ -439,7 +451,7 @@ def profile_backbone(
         "flops": count_flops(fp32, features, labels),
         "params": parameter_counts(fp32),
         "bytes": wire_bytes(fp32, compression, family_every) if fp32.spec or adapter == "full"
-        else {"note": "the wire protocol carries adapters on every block (blocks='all')"},
+        else {"note": "the wire protocol carries adapters on blocks 'all' or 'from:N' only"},
     }  # fmt: skip
     measured = fp32
     if quant != "none":

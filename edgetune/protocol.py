@@ -196,6 +196,9 @@ class AdapterSpec:
     gate: str = "layer"
     dtype: str = "float32"
     lora_modules: tuple[tuple[str, int, int], ...] = field(default_factory=tuple)
+    #: FedAdapter on blocks first_block..n_layers-1 only (``AdapterConfig(blocks="from:N")``);
+    #: backward then stops above it (fewer FLOPs). Left out of the canonical JSON when 0.
+    first_block: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.family, str) or not _NAME_RE.match(self.family):
@@ -215,8 +218,15 @@ class AdapterSpec:
             raise ProtocolError("bad_spec", f"gate={self.gate!r} must be 'layer' or 'token'")
         if self.kind == KIND_FEDADAPTER:
             _positive("n_anchors", self.n_anchors)
-            anchor_layers(self.n_layers, self.n_anchors)
+            _positive("first_block", self.first_block, allow_zero=True)
+            if self.first_block >= self.n_layers:
+                raise ProtocolError(
+                    "bad_spec", f"first_block={self.first_block} must be < n_layers={self.n_layers}"
+                )
+            self.anchor_layers()
         else:
+            if self.first_block != 0:
+                raise ProtocolError("bad_spec", "first_block applies to kind='fedadapter' only")
             self._check_lora_modules()
 
     def _check_lora_modules(self) -> None:
@@ -239,6 +249,8 @@ class AdapterSpec:
     # -- serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        if not self.first_block:
+            out.pop("first_block")  # specs without it keep their canonical JSON and hash
         out["lora_modules"] = [list(m) for m in self.lora_modules]
         return out
 
@@ -285,7 +297,12 @@ class AdapterSpec:
 
     # -- tensor schema -------------------------------------------------------------------
     def anchor_layers(self) -> list[int]:
-        return anchor_layers(self.n_layers, self.n_anchors)
+        """Anchor blocks: the anchors of the adapted blocks first_block..n_layers-1."""
+        adapted = self.n_layers - self.first_block
+        return [self.first_block + a for a in anchor_layers(adapted, self.n_anchors)]
+
+    def adapted_layers(self) -> range:
+        return range(self.first_block, self.n_layers)
 
     def n_branches(self, layer: int) -> int:
         return 3 if layer in self.anchor_layers() else 2
@@ -305,7 +322,7 @@ class AdapterSpec:
         shapes: dict[str, tuple[int, ...]] = {}
         if self.kind == KIND_FEDADAPTER:
             d, r = self.d_model, self.rank
-            for layer in range(self.n_layers):
+            for layer in self.adapted_layers():
                 p = f"family.layer{layer}."
                 nb = self.n_branches(layer)
                 shapes.update({p + "D": (d, r), p + "b_D": (r,), p + "C": (r, r), p + "q": (r,)})
@@ -328,7 +345,7 @@ class AdapterSpec:
         if self.kind != KIND_FEDADAPTER:
             return {}
         r, out = self.rank, {}
-        for layer in range(self.n_layers):
+        for layer in self.adapted_layers():
             for leaf, shape in (("C", (r, r)), ("q", (r,))):
                 name = f"private.layer{layer}.{leaf}"
                 out[name] = TensorSpec(name, shape, GROUP_PRIVATE)

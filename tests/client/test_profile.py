@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -112,3 +113,39 @@ def test_timing_memory_table_and_cli(capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["adapter"] == "full" and out["flops"]["train_step"] > 0
     assert torch.get_num_threads() >= 1
+
+
+def test_adapters_from_block_1_cut_backward_and_travel_on_the_wire() -> None:
+    """blocks="from:1" on 3 blocks: backward stops above block 1; the spec names match."""
+    from edgetune.adapters import AdapterConfig
+    from edgetune.lora import LoraConfig
+    from edgetune.profile import build_setup
+    from edgetune.zoo import load_backbone
+
+    prof = profile_backbone("tiny-bert-d32-l3", adapter="fedadapter", batch=B, seq=S, rank=R,
+                            blocks="from:1", n_classes=C, timing=False)  # fmt: skip
+    fwd = 3 * (LINEAR + ATTN) + HEAD + 2 * adapter_flops(T, D, R, 3, D)
+    assert prof["flops"]["forward"] == fwd
+    train = fwd + adapter_backward_flops(T, D, R, 3, D, need_dx=False)
+    train += LINEAR + 2 * ATTN + adapter_backward_flops(T, D, R, 3, D, need_dx=True) + 2 * HEAD
+    assert prof["flops"]["train_step"] == train
+    config = AdapterConfig(rank=R, blocks="from:1")
+    setup = build_setup(load_backbone("tiny-bert-d32-l3"), "fedadapter", C, config, LoraConfig())
+    spec = setup.spec
+    assert spec is not None and spec.first_block == 1 and spec.anchor_layers() == [1, 2]
+    wire = {**spec.upload_tensors(), **spec.private_tensors()}
+    assert not any(".layer0." in n for n in wire)
+    numel = sum(math.prod(t.shape) for t in wire.values())
+    assert numel == sum(p.numel() for p in setup.trainable)  # same tensors as trained
+    assert prof["bytes"]["upload"]["full"] > prof["bytes"]["upload"]["global_only"]
+
+
+def test_first_block_keeps_old_spec_hashes() -> None:
+    from edgetune.protocol import AdapterSpec, ProtocolError
+
+    spec = AdapterSpec("fam", "fp", d_model=8, n_layers=3, rank=4)
+    assert "first_block" not in spec.to_dict()
+    later = AdapterSpec("fam", "fp", d_model=8, n_layers=3, rank=4, first_block=1)
+    assert AdapterSpec.from_json(later.to_json()) == later and later.spec_hash != spec.spec_hash
+    with pytest.raises(ProtocolError):
+        AdapterSpec("fam", "fp", d_model=8, n_layers=3, rank=4, first_block=3)
