@@ -51,6 +51,7 @@ from edgetune.protocol import (
     AdapterSpec,
     UpdateMeta,
     encode_payload,
+    first_block_of,
     initial_tensors,
 )
 from edgetune.zoo import Backbone, load_backbone
@@ -120,16 +121,6 @@ def build_setup(
             **common,
         )
     return Setup(backbone, task, handle.trainable_parameters(), spec)
-
-
-def first_block_of(blocks: str | tuple[int, ...]) -> int | None:
-    """AdapterSpec.first_block for ``AdapterConfig.blocks`` ("all" -> 0, "from:N" -> N), or
-    None when the blocks are an explicit list (not expressible on the wire)."""
-    if blocks == "all":
-        return 0
-    if isinstance(blocks, str) and blocks.startswith("from:") and blocks[5:].isdigit():
-        return int(blocks[5:])
-    return None
 
 
 def random_batch(backbone: Backbone, batch: int, seq: int, n_classes: int) -> tuple[dict, Tensor]:

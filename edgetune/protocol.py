@@ -373,6 +373,16 @@ class AdapterSpec:
         return tuple(sorted({owner[n] for n in names if n in owner}))
 
 
+def first_block_of(blocks: str | tuple[int, ...]) -> int | None:
+    """AdapterSpec.first_block for ``AdapterConfig.blocks`` ("all" -> 0, "from:N" -> N), or
+    None when the blocks are an explicit list (not expressible on the wire)."""
+    if blocks == "all":
+        return 0
+    if isinstance(blocks, str) and blocks.startswith("from:") and blocks[5:].isdigit():
+        return int(blocks[5:])
+    return None
+
+
 @functools.lru_cache(maxsize=256)
 def _upload_schema(spec: AdapterSpec) -> dict[str, TensorSpec]:
     return {**spec.global_tensors(), **spec.family_tensors()}
