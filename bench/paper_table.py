@@ -1,0 +1,490 @@
+"""The paper table: every strategy on the same config, seed and split, in one run.
+
+    python bench/paper_table.py                   # small default config (below), ~15-25 min
+    python bench/paper_table.py --config edgetune/configs/demo.toml   # the demo run (hours)
+
+For each strategy (fedadapter, fedavg-lora, hetlora, flexlora, flora, local) it runs
+`edgetune simulate` in a subprocess (same TOML, seed and Dirichlet split; HetLoRA and FlexLoRA
+get heterogeneous per-client ranks, see `het_groups`), then profiles one local training step
+of every backbone with `edgetune.profile.profile_backbone` (exact FLOPs, peak memory) and writes
+`bench/results/paper_table.json` and `bench/results/paper_table.md`.
+
+Columns: final global-model test accuracy per family and overall (local: personal test
+accuracy, there is no global model), MB uploaded per client per round (safetensors bodies as
+sent, metadata included), total MB (up + down) until the overall accuracy first reaches the
+target (cost-to-target), train GFLOPs per local step (batch x max_length, FlopCounterMode on the
+fp32 weights: FLOPs do not depend on the weight format) and peak memory of a step.
+
+The FedAdapter communication variants (int8 + error feedback, family bundle every P rounds) run
+as simulations when `edgetune.config` knows the `comm` section; otherwise their bytes are
+computed from the real encoded update of the FedAdapter spec and marked `accuracy: null`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+MB = 1e6
+STRATEGIES = ("fedadapter", "fedavg-lora", "hetlora", "flexlora", "flora", "local")
+HET_STRATEGIES = ("hetlora", "flexlora")
+
+# The default: two families in two tiers, 4 clients, 3 rounds. FedAdapter at rank 8 (its family
+# bundle is 2*d*r + O(r^2) per block, LoRA r=8 on query/value is 2*2*d*8 per block: rank 8
+# keeps the comparison at equal width per factor rather than equal bytes).
+DEFAULT_TOML = """
+rounds = 3
+strategy = "fedadapter"
+seed = 0
+
+[data]
+dataset = "fortunes"
+categories = ["computers", "politics", "science", "startrek", "food", "law"]
+max_per_class = 120
+alpha = 0.5
+eval_samples = 240
+
+[adapter]
+rank = 8
+n_anchors = 2
+
+[lora]
+rank = 8
+alpha = 16.0
+targets = ["query", "value"]
+
+[train]
+epochs = 2
+batch_size = 16
+lr = 0.005
+max_length = 48
+
+[server]
+round_timeout_s = 600.0
+
+[[group]]
+backbone = "minilm-l3"
+quant = "int8"
+count = 2
+
+[[group]]
+backbone = "minilm-l6"
+quant = "none"
+count = 2
+"""
+
+
+def het_groups(groups: list[dict[str, Any]], low: int) -> list[dict[str, Any]]:
+    """Split every group into one client per entry, alternating full rank and `low` rank.
+
+    The client order (and so every client's data shard) is the same as in the base config.
+    """
+    out = []
+    for group in groups:
+        for i in range(int(group.get("count", 1))):
+            out.append({**group, "count": 1, "rank": 0 if i % 2 == 0 else low})
+    return out
+
+
+def write_configs(base: dict[str, Any], out: Path) -> dict[str, Path]:
+    """The base config and the heterogeneous-rank variant, as TOML files under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"base": out / "config.toml", "het": out / "config_het.toml"}
+    paths["base"].write_text(_to_toml(base))
+    rank = int(base.get("lora", {}).get("rank", 8))
+    het = {**base, "group": het_groups(base["group"], max(1, rank // 2))}
+    paths["het"].write_text(_to_toml(het))
+    return paths
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def _to_toml(config: dict[str, Any]) -> str:
+    lines = [
+        f"{k} = {_toml_value(v)}" for k, v in config.items() if not isinstance(v, (dict, list))
+    ]
+    for key, value in config.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+    for group in config.get("group", []):
+        lines += ["", "[[group]]"] + [f"{k} = {_toml_value(v)}" for k, v in group.items()]
+    return "\n".join(lines) + "\n"
+
+
+def comm_supported() -> bool:
+    """True when `edgetune simulate` accepts the `comm.*` keys (family_every, compression)."""
+    from edgetune.config import SimConfig
+
+    return "comm" in SimConfig.__dataclass_fields__
+
+
+def blocks_supported() -> bool:
+    """True when the client runtime puts FedAdapter on blocks "from:N" on the wire."""
+    from edgetune import client
+
+    return hasattr(client, "first_block_of")  # what the client's spec builder uses for it
+
+
+def run_simulate(name: str, config: Path, out: Path, sets: list[str], timeout_s: float) -> Path:
+    """One `edgetune simulate` run in a subprocess; returns its output folder."""
+    folder = out / "runs" / name
+    cmd = [sys.executable, "-m", "edgetune.cli", "simulate", "--config", str(config)]
+    cmd += ["--out", str(folder)] + [a for s in sets for a in ("--set", s)]
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with (out / "runs" / f"{name}.log").open("w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+    if proc.returncode != 0 or not (folder / "summary.json").is_file():
+        raise RuntimeError(f"simulate {name} failed (exit {proc.returncode}); see {log.name}")
+    print(f"{name}: {time.perf_counter() - started:.0f}s", flush=True)
+    return folder
+
+
+def load_rows(folder: Path) -> list[dict[str, Any]]:
+    text = (folder / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def cost_to_target(rows: list[dict[str, Any]], target: float) -> float | None:
+    """Cumulative MB (up + down) at the first round whose overall accuracy reaches `target`."""
+    for row in rows:
+        acc = row.get("global_acc_overall")
+        if acc is not None and acc >= target:
+            return row["cum_bytes"] / MB
+    return None
+
+
+def run_summary(folder: Path) -> dict[str, Any]:
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = load_rows(folder)
+    local = summary["strategy"] == "local"
+    acc = summary["final_personal_test_acc"] if local else summary["final_global_acc"]
+    return {
+        "accuracy_kind": "personal_test" if local else "global_test",
+        "final_acc": acc,
+        "final_acc_overall": sum(acc.values()) / len(acc) if acc else None,
+        "best_acc_overall": max(
+            (r["global_acc_overall"] for r in rows if r["global_acc_overall"] is not None),
+            default=None,
+        ),
+        "mb_up_per_client_round": summary["mb_up_per_client_round"],
+        "mb_total": summary["mb_up_total"] + summary["mb_down_total"],
+        "wall_time_s": summary["wall_time_s"],
+        "rows": rows,
+    }
+
+
+# -- FLOPs and memory of one local step per client -----------------------------------------------
+def client_setups(config: dict[str, Any], strategy: str) -> list[tuple[str, str, str, int]]:
+    """(backbone, quant, adapter kind, rank) of every client of `strategy`, in client order."""
+    groups = config["group"]
+    if strategy in HET_STRATEGIES:
+        groups = het_groups(groups, max(1, int(config["lora"]["rank"]) // 2))
+    kind = "fedadapter" if strategy in ("fedadapter", "local") else "lora"
+    default = int(config["adapter" if kind == "fedadapter" else "lora"]["rank"])
+    out = []
+    for group in groups:
+        rank = int(group.get("rank", 0)) or default
+        out += [(group["backbone"], group.get("quant", "none"), kind, rank)] * int(group["count"])
+    return out
+
+
+class Profiler:
+    """Cached `profile_backbone` runs at the config's batch size and sequence length."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.cache: dict[tuple, dict[str, Any]] = {}
+
+    def get(self, backbone: str, quant: str, adapter: str, rank: int, **extra: Any) -> dict:
+        from edgetune.profile import profile_backbone
+
+        key = (backbone, quant, adapter, rank, tuple(sorted(extra.items())))
+        if key not in self.cache:
+            train, adapter_cfg = self.config["train"], self.config["adapter"]
+            self.cache[key] = profile_backbone(
+                backbone, quant, adapter, int(train["batch_size"]), int(train["max_length"]),
+                rank=rank if adapter == "fedadapter" else int(adapter_cfg["rank"]),
+                lora_rank=rank if adapter == "lora" else int(self.config["lora"]["rank"]),
+                lora_targets=tuple(self.config["lora"].get("targets", ("query", "value"))),
+                n_classes=len(self.config["data"]["categories"]), timing=False, **extra,
+            )  # fmt: skip
+        return self.cache[key]
+
+    def strategy_costs(self, strategy: str, rank: int | None = None, **extra: Any) -> dict:
+        """Mean over clients: train GFLOPs per local step, train memory MB (`rank`: override)."""
+        setups = [(b, q, k, rank or r) for b, q, k, r in client_setups(self.config, strategy)]
+        profiles = [self.get(*s, **extra) for s in setups]
+        n = len(profiles)
+        return {
+            "train_gflops_per_step": sum(p["flops"]["train_step"] for p in profiles) / n / 1e9,
+            "train_memory_mb": sum(p["memory_estimate"]["train_bytes"] for p in profiles) / n / MB,
+        }
+
+
+def flops_ratios(config: dict[str, Any], profiler: Profiler) -> list[dict[str, Any]]:
+    """Per backbone: FedAdapter vs full fine-tuning and vs LoRA, same batch and length."""
+    rows = []
+    rank, lrank = int(config["adapter"]["rank"]), int(config["lora"]["rank"])
+    for backbone in sorted({g["backbone"] for g in config["group"]}):
+        fed = profiler.get(backbone, "none", "fedadapter", rank)["flops"]["train_step"]
+        lora = profiler.get(backbone, "none", "lora", lrank)["flops"]["train_step"]
+        full = profiler.get(backbone, "none", "full", lrank)
+        row = {"backbone": backbone, "fedadapter_gflops": fed / 1e9, "lora_gflops": lora / 1e9}
+        row |= {"full_gflops": full["flops"]["train_step"] / 1e9}
+        row |= {"full_memory_mb": full["memory_estimate"]["train_bytes"] / MB}
+        row |= {
+            "fedadapter_vs_full": fed / full["flops"]["train_step"],
+            "fedadapter_vs_lora": fed / lora,
+        }
+        cut = profiler.get(backbone, "none", "fedadapter", rank, blocks="from:1")["flops"]
+        row |= {"from1_gflops": cut["train_step"] / 1e9,
+                "from1_vs_full": cut["train_step"] / full["flops"]["train_step"],
+                "from1_vs_lora": cut["train_step"] / lora}  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+# -- communication variants of FedAdapter --------------------------------------------------------
+COMM_VARIANTS = {
+    "fedadapter+int8ef": {"comm.compression": "int8"},
+    "fedadapter+P2": {"comm.family_every": 2},
+    "fedadapter+P2+int8ef": {"comm.compression": "int8", "comm.family_every": 2},
+}
+#: FedAdapter settings: rank 16 (the demo's; its family bundle is ~2x LoRA r=8 on query/value)
+#: and adapters on blocks 1.. only (DESIGN.md section 9: backward stops above block 1; runs
+#: when the client accepts adapter.blocks = "from:N", i.e. AdapterSpec.first_block).
+SETTING_VARIANTS = {
+    "fedadapter-r16": {"adapter.rank": 16},
+    "fedadapter-from1": {"adapter.blocks": "from:1"},
+}
+
+
+def projected_upload(config: dict[str, Any], profiler: Profiler, sets: dict[str, Any]) -> float:
+    """MB uploaded per client per round by FedAdapter with `sets`, from the encoded payloads."""
+    compression = str(sets.get("comm.compression", "none"))
+    every = int(sets.get("comm.family_every", 1))
+    rounds = int(config["rounds"])
+    total = 0.0
+    setups = client_setups(config, "fedadapter")
+    for backbone, quant, kind, rank in setups:
+        wire = profiler.get(backbone, quant, kind, rank, compression=compression)["bytes"]
+        full, glob = wire["upload"]["full"], wire["upload"]["global_only"]
+        due = sum(1 for r in range(1, rounds + 1) if r % every == 0 or r == rounds)
+        total += (due * full + (rounds - due) * glob) / rounds
+    return total / len(setups) / MB
+
+
+# -- the table -----------------------------------------------------------------------------------
+def target_accuracy(runs: dict[str, dict[str, Any]], given: float | None) -> float:
+    """`given`, or the lowest best-overall accuracy among the federated runs (all reach it)."""
+    if given is not None:
+        return given
+    best = [
+        r["best_acc_overall"] for n, r in runs.items() if n != "local" and r["best_acc_overall"]
+    ]
+    if not best:
+        raise RuntimeError("no federated run produced a global accuracy")
+    return min(best)
+
+
+def check_targets(table: dict[str, dict[str, Any]], ratios: list[dict[str, Any]]) -> dict:
+    fed, base = table["fedadapter"], table["fedavg-lora"]
+    up = fed["mb_up_per_client_round"] / base["mb_up_per_client_round"]
+    int8 = table.get("fedadapter+int8ef", {}).get("mb_up_per_client_round")
+    others = [v["mb_to_target"] for k, v in table.items() if k in STRATEGIES[1:5]]
+    cost = fed["mb_to_target"]
+    return {
+        "flops_vs_full_max": max(r["fedadapter_vs_full"] for r in ratios),
+        "flops_vs_full_ok(<=0.62)": all(r["fedadapter_vs_full"] <= 0.62 for r in ratios),
+        "flops_from1_vs_full_max": max(r["from1_vs_full"] for r in ratios),
+        "flops_vs_lora_max": max(r["fedadapter_vs_lora"] for r in ratios),
+        "flops_vs_lora_ok(<=1.10)": all(r["fedadapter_vs_lora"] <= 1.10 for r in ratios),
+        "upload_vs_fedavg_lora": up,
+        "upload_ok(<=0.58, acc >=)": up <= 0.58
+        and (fed["final_acc_overall"] or 0) >= (base["final_acc_overall"] or 0),
+        "upload_int8ef_vs_fedavg_lora": int8 / base["mb_up_per_client_round"] if int8 else None,
+        "upload_int8ef_ok(<=0.15)": bool(int8) and int8 / base["mb_up_per_client_round"] <= 0.15,
+        "cost_to_target_ok": cost is not None and all(o is None or cost < o for o in others),
+    }
+
+
+def _fmt(value: Any, digits: int = 2, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" if pct else f"{value:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    table, families = result["table"], result["families"]
+    head = ["strategy", *[f"acc {f}" for f in families], "acc overall", "MB up/client/round",
+            "x FedAvg-LoRA", "MB to target", "train GFLOPs/step", "train mem MB"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = table["fedavg-lora"]["mb_up_per_client_round"]
+    for name, row in table.items():
+        accs = [_fmt(row["final_acc"].get(f), pct=True) for f in families]
+        up = row["mb_up_per_client_round"]
+        label = name if row.get("measured", True) else f"{name} (bytes only)"
+        cells = [label, *accs, _fmt(row["final_acc_overall"], pct=True), _fmt(up, 3),
+                 _fmt(up / base if up is not None else None, 3), _fmt(row["mb_to_target"], 2),
+                 _fmt(row.get("train_gflops_per_step"), 3), _fmt(row.get("train_memory_mb"), 1)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Target accuracy (overall): {100 * result['target_accuracy']:.1f}%", ""]
+    lines += ["| backbone | FedAdapter GFLOPs (all / from:1) | LoRA GFLOPs | full FT GFLOPs "
+              "| vs full (all / from:1) | vs LoRA (all / from:1) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["flops_ratios"]:
+        lines.append(f"| {r['backbone']} | {r['fedadapter_gflops']:.3f} / {r['from1_gflops']:.3f} "
+                     f"| {r['lora_gflops']:.3f} | {r['full_gflops']:.3f} "
+                     f"| {r['fedadapter_vs_full']:.3f} / {r['from1_vs_full']:.3f} "
+                     f"| {r['fedadapter_vs_lora']:.3f} / {r['from1_vs_lora']:.3f} |")  # fmt: skip
+    lines += ["", "Targets: " + json.dumps(result["targets"], indent=1), ""]
+    lines += [f"Machine: {json.dumps(result['machine'])}", f"Command: `{result['command']}`", ""]
+    lines += [f"- {note}" for note in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "edgetune", "server", "bench"],
+                           cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "git_commit": commit.stdout.strip() or f"not a git checkout: {ROOT}",
+            "tree_dirty": bool(dirty.stdout.strip()),
+            "loadavg_1m_at_start": os.getloadavg()[0]}  # fmt: skip
+
+
+def run_all(config: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every strategy's simulation (reused from `args.out` with --reuse), then the variants."""
+    paths = write_configs(config, args.out)
+    runs: dict[str, dict[str, Any]] = {}
+    plans = [(s, paths["het" if s in HET_STRATEGIES else "base"], [f"strategy={s}"])
+             for s in args.strategies]  # fmt: skip
+    variants = [
+        (n, s, "blocks" not in str(s) or blocks_supported()) for n, s in SETTING_VARIANTS.items()
+    ]
+    variants += [(n, s, comm_supported()) for n, s in COMM_VARIANTS.items()]
+    for name, sets, supported in variants:
+        done = args.reuse and (args.out / "runs" / name / "summary.json").is_file()
+        if supported or done:  # a finished run of a variant is reused either way
+            plans.append((name, paths["base"], ["strategy=fedadapter"] + [f"{k}={v}" for k, v in sets.items()]))  # fmt: skip
+    for name, path, sets in plans:
+        folder = args.out / "runs" / name
+        if not (args.reuse and (folder / "summary.json").is_file()):
+            folder = run_simulate(name, path, args.out, sets, args.timeout)
+        runs[name] = run_summary(folder)
+    return runs
+
+
+def costs_of(profiler: Profiler, name: str) -> dict[str, float]:
+    """FLOPs and memory of a run's clients; variants cost what their base setting costs."""
+    base = name.split("+")[0]
+    if base not in SETTING_VARIANTS:
+        return profiler.strategy_costs(base)
+    sets = SETTING_VARIANTS[base]
+    extra = {"blocks": sets["adapter.blocks"]} if "adapter.blocks" in sets else {}
+    return profiler.strategy_costs("fedadapter", rank=sets.get("adapter.rank"), **extra)
+
+
+def build_result(config: dict[str, Any], runs: dict[str, dict[str, Any]], args) -> dict[str, Any]:
+    profiler = Profiler(config)
+    target = target_accuracy(runs, args.target)
+    table: dict[str, dict[str, Any]] = {}
+    for name, run in runs.items():
+        row = {k: v for k, v in run.items() if k != "rows"}
+        row["mb_to_target"] = None if name == "local" else cost_to_target(run["rows"], target)
+        row["measured"] = True
+        row |= costs_of(profiler, name)
+        table[name] = row
+    for name, sets in COMM_VARIANTS.items():
+        if name not in table:
+            table[name] = {"final_acc": {}, "final_acc_overall": None, "mb_to_target": None,
+                           "mb_up_per_client_round": projected_upload(config, profiler, sets),
+                           "measured": False, **profiler.strategy_costs("fedadapter")}  # fmt: skip
+    ratios = flops_ratios(config, profiler)
+    families = sorted({f for row in table.values() for f in row["final_acc"]})
+    return {
+        "config": config,
+        "families": families,
+        "target_accuracy": target,
+        "table": table,
+        "flops_ratios": ratios,
+        "targets": check_targets(table, ratios),
+        "curves": {n: r["rows"] for n, r in runs.items()},
+        "machine": machine(),
+        "command": " ".join(["python", "bench/paper_table.py", *sys.argv[1:]]),
+        "notes": NOTES + list(args.note),
+    }
+
+
+NOTES = [
+    "Accuracy: global-model test accuracy per family after the last round (local: personal test "
+    "accuracy of each client's own model, there is no global model).",
+    "MB up/client/round: safetensors bodies as sent (metadata included) / clients / rounds.",
+    "MB to target: cumulative MB up + down until the overall accuracy first reaches the target "
+    "('-': never reached).",
+    "train GFLOPs/step: FlopCounterMode, one forward + backward at batch_size x max_length of "
+    "the config on fp32 weights, mean over clients; train mem: weights (as quantized) + "
+    "autograd-saved activations + grads + AdamW state.",
+    "HetLoRA/FlexLoRA: every other client of a tier at rank lora.rank // 2 (same client order "
+    "and data shards as the other runs).",
+    "Rows with measured=false: the comm.* knobs are not wired into `edgetune simulate` yet; "
+    "their bytes come from the real encoded payloads of the FedAdapter spec, no accuracy.",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, help="TOML config (default: the small one above)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "paper_table")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where JSON + Markdown go")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    p.add_argument("--target", type=float, help="target overall accuracy (default: see notes)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per simulate run")
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs under --out")
+    p.add_argument("--note", action="append", default=[], help="a note to record with the table")
+    args = p.parse_args(argv)
+    if "fedavg-lora" not in args.strategies or "fedadapter" not in args.strategies:
+        p.error("--strategies must include fedadapter and fedavg-lora (the table's reference)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    text = args.config.read_text() if args.config else DEFAULT_TOML
+    config = tomllib.loads(text)
+    runs = run_all(config, args)
+    result = build_result(config, runs, args)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "paper_table.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.results / "paper_table.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
