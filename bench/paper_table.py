@@ -1,6 +1,6 @@
 """The paper table: every strategy on the same config, seed and split, in one run.
 
-    python bench/paper_table.py                   # small default config (below), ~15-25 min
+    python bench/paper_table.py                   # small default config (below), ~30-45 min
     python bench/paper_table.py --config edgetune/configs/demo.toml   # the demo run (hours)
 
 For each strategy (fedadapter, fedavg-lora, hetlora, flexlora, flora, local) it runs
@@ -15,9 +15,12 @@ sent, metadata included), total MB (up + down) until the overall accuracy first 
 target (cost-to-target), train GFLOPs per local step (batch x max_length, FlopCounterMode on the
 fp32 weights: FLOPs do not depend on the weight format) and peak memory of a step.
 
-The FedAdapter communication variants (int8 + error feedback, family bundle every P rounds) run
-as simulations when `edgetune.config` knows the `comm` section; otherwise their bytes are
-computed from the real encoded update of the FedAdapter spec and marked `accuracy: null`.
+Besides the six strategies, FedAdapter variants run on the same config: rank 16, adapters from
+block 1 up (needs the client to accept adapter.blocks = "from:N"), int8 + error feedback, the
+family bundle every 2 rounds, and both (need the `comm` config section). A variant the runtime
+cannot run yet gets its bytes from the real encoded payloads and `measured: false`, no accuracy.
+Six + five simulations of ~2-5 min each on 2 cores; `--reuse` rebuilds the table from finished
+runs under `--out` without simulating again.
 """
 
 from __future__ import annotations
