@@ -38,6 +38,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q bench --benchmark-enable
+	$(BIN)/python bench/paper_table.py
 
 clean-venv:
 	rm -rf $(VENV)

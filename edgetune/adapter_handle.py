@@ -179,6 +179,9 @@ class AdapterHandle:
 
 def config_json(config) -> str:
     data = dict(config.__dict__)
-    data["branches"] = list(config.branches)
-    data["blocks"] = list(config.blocks) if isinstance(config.blocks, tuple) else config.blocks
+    for key in ("branches", "targets"):  # LoraConfig has targets, AdapterConfig branches
+        if key in data:
+            data[key] = list(data[key])
+    if isinstance(data.get("blocks"), tuple):
+        data["blocks"] = list(data["blocks"])
     return json.dumps(data, sort_keys=True)

@@ -137,10 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:
     """Subcommands owned by other modules register themselves here."""
-    from edgetune import client_cli, export, infer
+    from edgetune import client_cli, export, infer, profile
     from edgetune.server import cli as server_cli
 
     server_cli.register_cli(sub)
+    profile.register_cli(sub)
     export.register_cli(sub)
     infer.register_cli(sub)
     client = sub.add_parser("client", help="run one federated client against a server")

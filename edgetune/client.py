@@ -22,12 +22,20 @@ import numpy as np
 import torch
 
 from edgetune.adapters import AdapterConfig, apply_fedadapter
+from edgetune.compression import ErrorFeedback, bundles_to_send, compress_update, select_bundles
 from edgetune.data import Dataset, Split, load_dataset
 from edgetune.errors import ConfigError
 from edgetune.heads import build_task_model
 from edgetune.lora import LoraConfig, apply_lora
 from edgetune.partition import dirichlet_partition
-from edgetune.protocol import KIND_FEDADAPTER, KIND_LORA, AdapterSpec, UpdateMeta, initial_tensors
+from edgetune.protocol import (
+    KIND_FEDADAPTER,
+    KIND_LORA,
+    AdapterSpec,
+    UpdateMeta,
+    first_block_of,
+    initial_tensors,
+)
 from edgetune.trainer import EncodedSplit, TrainConfig, evaluate, measure_step_flops, train_local
 from edgetune.transport import ServerClient, ServerError
 from edgetune.zoo import load_backbone
@@ -66,6 +74,8 @@ class ClientSettings:
     train: TrainConfig = field(default_factory=TrainConfig)
     max_rounds: int = 0  # 0: until the server finishes
     poll_s: float = 0.5
+    family_every: int = 1  # FedAdapter: family bundle every P rounds, global branch every round
+    compression: str = "none"  # "int8": int8 + per-tensor scale, with error feedback
     eval_test_at_end: bool = True
 
     def __post_init__(self) -> None:
@@ -134,6 +144,7 @@ class ClientRuntime:
             else (0, 1)
         )
         self.train_flops_per_sample = flops / n
+        self.error_feedback = ErrorFeedback()  # int8 residuals, persisted with the state
         self.state = self._load_state()
         self._merged_version = self.state.get("merged_version", -1)
 
@@ -156,20 +167,18 @@ class ClientRuntime:
             "n_classes": n_classes,
         }
         if s.kind in ("fedadapter", "local"):
-            if s.adapter.blocks != "all" or tuple(s.adapter.branches) != (
-                "global",
-                "family",
-                "private",
-            ):
+            first = first_block_of(s.adapter.blocks)
+            if first is None or tuple(s.adapter.branches) != ("global", "family", "private"):
                 raise ConfigError(
-                    "the wire protocol carries adapters on every block with all three "
-                    "branches; set adapter.blocks='all' and the default branches"
+                    "the wire protocol carries adapters on blocks 'all' or 'from:N' with all "
+                    "three branches; set adapter.blocks accordingly and the default branches"
                 )
             return AdapterSpec(
                 kind=KIND_FEDADAPTER,
                 rank=s.adapter.rank,
                 n_anchors=s.adapter.n_anchors,
                 gate=s.adapter.gate,
+                first_block=first,
                 **common,
             )
         return AdapterSpec(
@@ -193,6 +202,11 @@ class ClientRuntime:
             log.info(
                 "resumed from %s after round %s", self.settings.state_dir, state.get("last_round")
             )
+        feedback_file = self.settings.state_dir / "error_feedback.safetensors"
+        if feedback_file.is_file():
+            from safetensors.torch import load_file
+
+            self.error_feedback.load_state_dict(load_file(str(feedback_file)))
         merged_file = self.settings.state_dir / "flora_merged.safetensors"
         if self.settings.kind == "flora" and merged_file.is_file():
             from safetensors.torch import load_file
@@ -221,6 +235,9 @@ class ClientRuntime:
                 if m.merged is not None
             }
             _atomic_write(self.settings.state_dir / "flora_merged.safetensors", save(merged))
+        if self.error_feedback.residual:
+            residual = {n: t.contiguous() for n, t in self.error_feedback.state_dict().items()}
+            _atomic_write(self.settings.state_dir / "error_feedback.safetensors", save(residual))
         self.state["merged_version"] = self._merged_version
         _atomic_write(self.state_file, json.dumps(self.state, indent=1).encode())  # last: commits
 
@@ -260,7 +277,10 @@ class ClientRuntime:
         up0, down0 = self.server.bytes_up, self.server.bytes_down
         sent_global = self.download_models(info)
         metrics = self._train_and_evaluate(round_id)
-        tensors = self._update_tensors(sent_global)
+        s = self.settings
+        bundles = bundles_to_send(self.spec, round_id, s.family_every, s.max_rounds)
+        tensors = select_bundles(self._update_tensors(sent_global), self.spec, bundles)
+        tensors, compression = compress_update(tensors, self.error_feedback, s.compression)
         meta = UpdateMeta(
             family=self.spec.family,
             round_id=round_id,
@@ -268,6 +288,8 @@ class ClientRuntime:
             fingerprint=self.spec.fingerprint,
             num_samples=max(1, metrics["samples"]),
             metrics=metrics,
+            compression=compression,
+            bundles=bundles,
         )
         try:
             self.server.upload(info["upload"], tensors, meta)
@@ -306,18 +328,31 @@ class ClientRuntime:
         """
         downloads = info["downloads"]
         query = "" if version is None else f"?version={version}"
-        family, _ = self.server.download(downloads["family"] + query)
-        if self.settings.kind == "flora":
-            self._fold_flora(
-                family, int(info.get("family_version") or 0) if version is None else version
-            )
-        else:
-            self.load_family(family)
+        if version is not None or not self._family_unchanged(info):
+            family, _ = self.server.download(downloads["family"] + query)
+            if self.settings.kind == "flora":
+                self._fold_flora(
+                    family, int(info.get("family_version") or 0) if version is None else version
+                )
+            else:
+                self.load_family(family)
+            if version is None:
+                self.state["family_version_loaded"] = info.get("family_version")
+        # else: an off-round of the family bundle; keep training our own family weights
         if "global" not in downloads:
             return {}
         glob, _ = self.server.download(downloads["global"] + query)
         self.handle.load_group("global", glob)
         return glob
+
+    def _family_unchanged(self, info: dict[str, Any]) -> bool:
+        """With a family period > 1: the server's family model is the one we loaded last."""
+        loaded = self.state.get("family_version_loaded")
+        return (
+            self.settings.family_every > 1
+            and loaded is not None
+            and (info.get("family_version") == loaded)
+        )
 
     def load_family(self, tensors: dict[str, torch.Tensor]) -> None:
         groups = ("lora", "head") if self.spec.kind == KIND_LORA else ("family",)

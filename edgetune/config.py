@@ -101,6 +101,18 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class CommConfig:
+    family_every: int = 1  # FedAdapter family bundle every P rounds (global branch every round)
+    compression: str = "none"  # none | int8 (per-tensor scale, client-side error feedback)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.family_every <= 1000, "comm.family_every", self.family_every,
+               "must be in 1..1000")  # fmt: skip
+        _check(self.compression in ("none", "int8"), "comm.compression", self.compression,
+               "allowed values are ('none', 'int8')")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class ClientGroup:
     backbone: str
     quant: str = "none"
@@ -128,6 +140,7 @@ class SimConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerSettings = field(default_factory=ServerSettings)
+    comm: CommConfig = field(default_factory=CommConfig)
     groups: tuple[ClientGroup, ...] = (ClientGroup("tiny-bert"),)
 
     def __post_init__(self) -> None:
@@ -155,6 +168,7 @@ _SECTIONS = {
     "lora": LoraConfig,
     "train": TrainConfig,
     "server": ServerSettings,
+    "comm": CommConfig,
 }
 
 
@@ -268,6 +282,8 @@ _DOCS = {
     "server.eta": "server step on the global branch",
     "server.project_conflicts": "remove conflicting global deltas",
     "server.min_clients": "quorum, 0 = all",
+    "comm.family_every": "FedAdapter: family bundle every P rounds, global every round",
+    "comm.compression": "none or int8 (per-tensor scale + error feedback)",
     "[[group]].backbone": "zoo name or model folder",
     "[[group]].quant": "none, int8, nf4 or fp4",
     "[[group]].count": "clients in this tier",

@@ -58,6 +58,8 @@ def client_settings(config: SimConfig, out: Path, url: str, token: str) -> list[
                     "kind": kind,
                     "state_dir": str(out / "clients" / f"c{index}"),
                     "max_rounds": config.rounds,
+                    "family_every": config.comm.family_every,
+                    "compression": config.comm.compression,
                     "adapter": adapter,
                     "lora": lora,
                     "train": {

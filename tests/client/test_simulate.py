@@ -43,6 +43,24 @@ def test_tiny_run_over_http_writes_every_output(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [["strategy=\"flora\""],  # LoRA path: stacked factors folded into the layers each round
+     ["strategy=\"hetlora\"", "group=[{backbone=\"tiny-bert-d32-l2\", rank=2}, "
+      "{backbone=\"tiny-bert-d32-l2\", rank=4}, {backbone=\"tiny-bert-d48-l3\"}]"],
+     ["comm.compression=\"int8\"", "comm.family_every=2"]],  # int8 + error feedback, partial
+    ids=["flora", "hetlora-ranks", "fedadapter-int8-family-every-2"],
+)
+def test_other_strategies_and_comm_knobs_run_end_to_end(tmp_path, overrides):
+    summary = run_simulation(load_sim_config(TINY, overrides), tmp_path)
+    rows = _metrics(tmp_path)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(c["returncode"] == 0 for c in summary["clients"])
+    assert set(rows[-1]["global_acc"]) == {"tiny-bert-d32-l2", "tiny-bert-d48-l3"}
+    assert all(r["clients"] == 3 and r["bytes_up"] > 0 for r in rows[1:])
+
+
+@pytest.mark.slow
 def test_killing_a_client_mid_run_does_not_stop_it(tmp_path):
     """SIGKILL one client while round 1 is open: both rounds close at their deadline without it.
 
