@@ -36,8 +36,14 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every benchmark writes bench/results/*.json (machine, versions, commit). paper_table runs the
+# six strategies and the FedAdapter variants through `simulate`: 30-45 minutes on 2 cores.
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q bench --benchmark-enable
+	$(BIN)/python -m pytest -q bench/bench_kernels.py -o python_files='bench_*.py' --benchmark-enable
+	$(BIN)/python bench/bench_kernels.py
+	$(BIN)/python bench/bench_quant.py
+	$(BIN)/python bench/bench_server.py
+	$(BIN)/python bench/bench_onnx.py
 	$(BIN)/python bench/paper_table.py
 
 clean-venv:
