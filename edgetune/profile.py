@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from edgetune.adapters import AdapterConfig, apply_fedadapter
 from edgetune.compression import ErrorFeedback, compress_update
 from edgetune.errors import ConfigError
+from edgetune.flops import flop_counter
 from edgetune.heads import build_task_model
 from edgetune.lora import LoraConfig, apply_lora
 from edgetune.protocol import (
@@ -132,30 +133,6 @@ def random_batch(backbone: Backbone, batch: int, seq: int, n_classes: int) -> tu
         return {"pixel_values": torch.randn(batch, 3, size, size, generator=gen)}, labels
     ids = torch.randint(1000, 30000, (batch, seq), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}, labels
-
-
-def _cpu_flash_fwd(q_shape, k_shape, v_shape, *args: object, **kwargs: object) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(q_shape, k_shape, v_shape)
-
-
-def _cpu_flash_bwd(g_shape, q_shape, k_shape, v_shape, *args: object, **kwargs: object) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-
-    return sdpa_backward_flop_count(g_shape, q_shape, k_shape, v_shape)
-
-
-def flop_counter():  # -> FlopCounterMode
-    """FlopCounterMode that also counts CPU flash attention (torch has no formula for it)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    aten = torch.ops.aten
-    custom = {
-        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_fwd,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_bwd,
-    }
-    return FlopCounterMode(display=False, custom_mapping=custom)
 
 
 def count_flops(setup: Setup, features: dict, labels: Tensor) -> dict[str, int]:

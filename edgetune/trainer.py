@@ -167,11 +167,11 @@ def measure_step_flops(
     No optimiser step is taken and the gradients are cleared afterwards. Ops without a
     registered FLOP formula (e.g. bitsandbytes' dequantising matmuls) count as zero.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from edgetune.flops import flop_counter
 
     features, labels = data.batch(torch.arange(min(batch_size, len(data))))
     model.train()
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         nn.functional.cross_entropy(model(**features), labels).backward()
     for param in params:
         param.grad = None
