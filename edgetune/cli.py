@@ -172,6 +172,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     summary = run_simulation(config, args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "clients"}, indent=1))
     print(f"outputs in {args.out}/ (metrics.jsonl, summary.json, *.png)")
+    failed = [c["client"] for c in summary["clients"] if c["returncode"] != 0]
+    finished = config.strategy == "local" or summary["final_round"] == config.rounds
+    if failed or not finished:
+        print(
+            f"edgetune: error: run incomplete: clients {failed} failed, last aggregated round "
+            f"{summary['final_round']} of {config.rounds}; see {args.out}/",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -31,6 +31,7 @@ from edgetune.partition import dirichlet_partition
 from edgetune.protocol import (
     KIND_FEDADAPTER,
     KIND_LORA,
+    META_ROUND,
     AdapterSpec,
     UpdateMeta,
     first_block_of,
@@ -130,32 +131,42 @@ class ClientRuntime:
         self.spec = self._adapter_spec(n_classes)
         max_len = settings.train.max_length
         self.train_data = EncodedSplit(self.backbone, train_split, max_len)
+        self._first_batch_split = train_split.subset(
+            np.arange(min(len(train_split), settings.train.batch_size))
+        )
         self.holdout = EncodedSplit(self.backbone, holdout, max_len)
         self.num_train = len(train_split)
         self.server = ServerClient(settings.server)
-        flops, n = (
-            measure_step_flops(
-                self.task,
-                self.handle.trainable_parameters(),
-                self.train_data,
-                settings.train.batch_size,
-            )
-            if len(self.train_data)
-            else (0, 1)
-        )
-        self.train_flops_per_sample = flops / n
+        self.train_flops_per_sample = self._train_flops_per_sample(settings, n_classes)
         self.error_feedback = ErrorFeedback()  # int8 residuals, persisted with the state
         self.state = self._load_state()
         self._merged_version = self.state.get("merged_version", -1)
 
     # -- set-up ------------------------------------------------------------------------
-    def _inject(self, settings: ClientSettings):
-        spec = self.backbone.spec
+    def _inject(self, settings: ClientSettings, backbone=None, task=None):
+        backbone, task = backbone or self.backbone, task or self.task
         if settings.kind in ("fedadapter", "local"):
-            return apply_fedadapter(
-                self.backbone.model, spec, settings.adapter, head=self.task.head
-            )
-        return apply_lora(self.backbone.model, spec, settings.lora, head=self.task.head)
+            return apply_fedadapter(backbone.model, backbone.spec, settings.adapter, head=task.head)
+        return apply_lora(backbone.model, backbone.spec, settings.lora, head=task.head)
+
+    def _train_flops_per_sample(self, settings: ClientSettings, n_classes: int) -> float:
+        """FLOPs of one training step per sample, counted once on the first batch.
+
+        bitsandbytes' quantized matmuls have no FLOP formula (they would count as zero), so a
+        quantized client counts on an fp32 copy of its backbone: the arithmetic is the same.
+        """
+        if not len(self.train_data):
+            return 0.0
+        task, handle, data = self.task, self.handle, self.train_data
+        if self.backbone.quant != "none":
+            fp32 = load_backbone(settings.backbone)
+            task = build_task_model(fp32, "classify", n_classes=n_classes)
+            handle = self._inject(settings, fp32, task)
+            data = EncodedSplit(fp32, self._first_batch_split, settings.train.max_length)
+        flops, n = measure_step_flops(
+            task, handle.trainable_parameters(), data, settings.train.batch_size
+        )
+        return flops / n
 
     def _adapter_spec(self, n_classes: int) -> AdapterSpec:
         spec, s = self.backbone.spec, self.settings
@@ -329,11 +340,11 @@ class ClientRuntime:
         downloads = info["downloads"]
         query = "" if version is None else f"?version={version}"
         if version is not None or not self._family_unchanged(info):
-            family, _ = self.server.download(downloads["family"] + query)
+            family, meta = self.server.download(downloads["family"] + query)
             if self.settings.kind == "flora":
-                self._fold_flora(
-                    family, int(info.get("family_version") or 0) if version is None else version
-                )
+                # The version actually served: `?version=N` answers the newest one <= N, which
+                # must not be folded twice when a round had no update of this family.
+                self._fold_flora(family, int(meta.get(META_ROUND, "0")))
             else:
                 self.load_family(family)
             if version is None:
@@ -354,7 +365,19 @@ class ClientRuntime:
             and (info.get("family_version") == loaded)
         )
 
+    def _lora_wire(self, tensors: dict[str, torch.Tensor], power: float) -> dict[str, torch.Tensor]:
+        """LoRA B factors travel as `B * alpha / rank` (power 1), so the server aggregates true
+        updates across clients of different ranks; power -1 converts back to this client's B."""
+        out = dict(tensors)
+        for path, module in self.handle.lora_modules.items():
+            name = f"lora.{path}.B"
+            if name in out:
+                out[name] = out[name] * module.scaling**power
+        return out
+
     def load_family(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.spec.kind == KIND_LORA:
+            tensors = self._lora_wire(tensors, -1.0)
         groups = ("lora", "head") if self.spec.kind == KIND_LORA else ("family",)
         for group in groups:
             self.handle.load_group(
@@ -375,7 +398,10 @@ class ClientRuntime:
 
     def _update_tensors(self, sent_global: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.spec.kind == KIND_LORA:
-            return {**self.handle.state_dict_for("lora"), **self.handle.state_dict_for("head")}
+            return {
+                **self._lora_wire(self.handle.state_dict_for("lora"), 1.0),
+                **self.handle.state_dict_for("head"),
+            }
         trained = self.handle.state_dict_for("global")
         deltas = {
             n: trained[n] - sent_global[n] for n in trained

@@ -90,14 +90,20 @@ def compress_update(
 ) -> tuple[dict[str, Tensor], str]:
     """``(wire tensors, UpdateMeta.compression)`` of an update.
 
-    ``method="none"`` returns the tensors unchanged; ``"int8"`` quantizes every tensor, with
-    error feedback when ``state`` is an ``ErrorFeedback`` (None: plain int8).
+    ``method="none"`` returns the tensors unchanged; ``"int8"`` quantizes every tensor. Error
+    feedback (when ``state`` is an ``ErrorFeedback``) applies only to the ``global`` deltas: the
+    server *accumulates* those, so carried residuals telescope; the family / LoRA tensors are
+    values the server *averages*, where a carried residual would only add error, so they are
+    quantized afresh each round (error <= scale / 2).
     """
     if method not in COMPRESSIONS:
         raise ConfigError(f"comm.compression={method!r}: allowed values are {COMPRESSIONS}")
     if method == COMPRESSION_NONE:
         return dict(tensors), COMPRESSION_NONE
-    wire = state.compress(tensors) if state is not None else int8_without_feedback(tensors)
+    deltas = {n: t for n, t in tensors.items() if wire_group(n) == GROUP_GLOBAL}
+    values = {n: t for n, t in tensors.items() if n not in deltas}
+    wire = int8_without_feedback(values)
+    wire.update(state.compress(deltas) if state is not None else int8_without_feedback(deltas))
     return wire, COMPRESSION_INT8
 
 

@@ -65,8 +65,12 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, B: Tensor, A: Tensor) -> None:
-        """Add `scaling * B @ A` (stacked factors of any rank) to the frozen merged delta."""
-        delta = (B.to(self.A.dtype) @ A.to(self.A.dtype)) * self.scaling
+        """Add `B @ A` (stacked wire factors of any rank) to the frozen merged delta.
+
+        Wire B factors already carry their sender's `alpha / rank` (see `wire_B`), so clients
+        of different ranks contribute their true updates.
+        """
+        delta = B.to(self.A.dtype) @ A.to(self.A.dtype)
         self.merged = delta if self.merged is None else self.merged + delta
 
     @torch.no_grad()

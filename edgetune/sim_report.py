@@ -24,9 +24,11 @@ def _client_lines(out: Path) -> list[dict[str, Any]]:
     lines = []
     for path in sorted((out / "clients").glob("c*/rounds.jsonl")):
         client = path.parent.name
-        for text in path.read_text().splitlines():
-            if text.strip():
-                lines.append({"client": client, **json.loads(text)})
+        text = path.read_text()
+        complete = text[: text.rfind("\n") + 1]  # a client may be appending the last line
+        for line in complete.splitlines():
+            if line.strip():
+                lines.append({"client": client, **json.loads(line)})
     return lines
 
 

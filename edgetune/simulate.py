@@ -205,7 +205,7 @@ class Simulation:
         for family, evaluator in evaluators.items():
             table.record_versions({family: evaluator.evaluate_initial()})
         self.start_clients()
-        self._wait_clients()
+        self._wait_clients(timeout_s=None)  # local runs have no server deadline to bound them
         table.collect_local_rounds()
         return table.finish(time.perf_counter() - self.started, self._client_results())
 
@@ -239,11 +239,14 @@ class Simulation:
             for result in evaluator.evaluate_new():
                 table.record_versions({family: result})
 
-    def _wait_clients(self, timeout_s: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout_s
+    def _wait_clients(self, timeout_s: float | None = 600.0) -> None:
+        """Wait for every client process; past `timeout_s` (None: forever) kill the stragglers."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for proc in self.clients:
             try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                proc.wait(
+                    timeout=None if deadline is None else max(1.0, deadline - time.monotonic())
+                )
             except subprocess.TimeoutExpired:
                 log.error("client %d did not finish; terminating it", proc.pid)
                 proc.kill()

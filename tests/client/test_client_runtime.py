@@ -112,3 +112,21 @@ def test_a_4xx_is_not_retried(server):
     with pytest.raises(ServerError) as err:
         client.current_round()
     assert err.value.status == 401 and time.monotonic() - start < 2
+
+
+def test_train_flops_of_a_quantized_client_equal_the_fp32_count(tmp_path):
+    """bitsandbytes matmuls have no FLOP formula; the client counts on an fp32 copy instead."""
+    counts = {}
+    for quant in ("none", "nf4"):
+        settings = ClientSettings(
+            server="http://127.0.0.1:9",
+            join_token=JOIN,
+            backbone="tiny-bert-d64-l2",
+            quant=quant,
+            state_dir=tmp_path / quant,
+            adapter=AdapterConfig(rank=4),
+            shard=ShardSpec(dataset="fortunes", categories=("food", "law"), max_per_class=20),
+            train=TrainConfig(batch_size=8, max_length=16),
+        )
+        counts[quant] = ClientRuntime(settings).train_flops_per_sample
+    assert counts["none"] > 0 and counts["nf4"] == counts["none"]

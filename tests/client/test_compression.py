@@ -52,7 +52,8 @@ def test_int8_zeros_and_non_finite() -> None:
 
 
 def test_error_feedback_keeps_cumulative_sum_on_track() -> None:
-    """sum(sent) = sum(true) - residual, and the residual stays within half a step."""
+    """Global deltas: sum(sent) = sum(true) - residual, the residual within half a step."""
+    NAME = "global.anchor1.C"
     gen = torch.Generator().manual_seed(1)
     ef = ErrorFeedback()
     true_sum, sent_sum, plain_sum = torch.zeros(200), torch.zeros(200), torch.zeros(200)
@@ -60,16 +61,29 @@ def test_error_feedback_keeps_cumulative_sum_on_track() -> None:
         # a persistent small component the plain quantizer rounds away every time
         t = torch.randn(200, generator=gen) * 0.01 + 0.002
         t[0] = 1.0  # sets the scale: 1/127 per step, far above the 0.002 drift
-        wire, tag = compress_update({"x": t}, ef)
+        wire, tag = compress_update({NAME: t}, ef)
         assert tag == "int8"
-        sent = decompress_tensors(wire, tag)["x"]
-        plain = decompress_tensors(compress_update({"x": t}, None)[0], "int8")["x"]
+        sent = decompress_tensors(wire, tag)[NAME]
+        plain = decompress_tensors(compress_update({NAME: t}, None)[0], "int8")[NAME]
         true_sum, sent_sum, plain_sum = true_sum + t, sent_sum + sent, plain_sum + plain
-        step = float(wire["x" + SCALE_SUFFIX])
-        assert torch.allclose(true_sum - sent_sum, ef.residual["x"], atol=1e-5)
-        assert float(ef.residual["x"].abs().max()) <= step / 2 * (1 + 1e-4)
+        step = float(wire[NAME + SCALE_SUFFIX])
+        assert torch.allclose(true_sum - sent_sum, ef.residual[NAME], atol=1e-5)
+        assert float(ef.residual[NAME].abs().max()) <= step / 2 * (1 + 1e-4)
     assert float((true_sum - sent_sum).abs().max()) < 0.01
     assert float((true_sum - plain_sum).abs().max()) > 0.05  # without feedback it drifts
+
+
+def test_family_values_are_quantized_afresh_without_feedback() -> None:
+    """Family values are averaged, not accumulated: no residual is carried, error <= scale/2."""
+    ef = ErrorFeedback()
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        t = torch.randn(64, generator=gen)
+        wire, tag = compress_update({"family.layer0.U": t}, ef)
+        sent = decompress_tensors(wire, tag)["family.layer0.U"]
+        step = float(wire["family.layer0.U" + SCALE_SUFFIX])
+        assert float((sent - t).abs().max()) <= step / 2 * (1 + 1e-4)
+    assert ef.residual == {}
 
 
 def test_error_feedback_state_round_trips() -> None:

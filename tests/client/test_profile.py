@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from edgetune.kernels.op import adapter_backward_flops, adapter_flops
 
 from edgetune.profile import (
     format_table,
@@ -17,6 +16,20 @@ from edgetune.profile import (
     update_bytes,
 )
 from edgetune.protocol import initial_tensors
+
+
+# Hand formulas of the fused adapter (DESIGN section 3), written out here rather than imported
+# from the code under test: forward = x@D, one r x r GEMM per branch, u@U; backward = 2x forward
+# plus recomputing x@D and z@C_b, less the dx GEMM when x needs no gradient.
+def adapter_flops(T: int, d_in: int, r: int, n: int, d_out: int) -> int:
+    return 2 * T * (d_in * r + n * r * r + r * d_out)
+
+
+def adapter_backward_flops(T: int, d_in: int, r: int, n: int, d_out: int, need_dx: bool) -> int:
+    return 2 * T * (3 * d_in * r + 3 * n * r * r + 2 * r * d_out) - (
+        0 if need_dx else 2 * T * d_in * r
+    )
+
 
 # tiny-bert-d32-l2: width d, FFN width 4d, 2 heads, 2 blocks; batch B x sequence S, C classes.
 B, S, D, FF, L, C, R = 2, 8, 32, 128, 2, 3, 4

@@ -45,10 +45,15 @@ def test_tiny_run_over_http_writes_every_output(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
-    [["strategy=\"flora\""],  # LoRA path: stacked factors folded into the layers each round
-     ["strategy=\"hetlora\"", "group=[{backbone=\"tiny-bert-d32-l2\", rank=2}, "
-      "{backbone=\"tiny-bert-d32-l2\", rank=4}, {backbone=\"tiny-bert-d48-l3\"}]"],
-     ["comm.compression=\"int8\"", "comm.family_every=2"]],  # int8 + error feedback, partial
+    [
+        ['strategy="flora"'],  # LoRA path: stacked factors folded into the layers each round
+        [
+            'strategy="hetlora"',
+            'group=[{backbone="tiny-bert-d32-l2", rank=2}, '
+            '{backbone="tiny-bert-d32-l2", rank=4}, {backbone="tiny-bert-d48-l3"}]',
+        ],
+        ['comm.compression="int8"', "comm.family_every=2"],
+    ],  # int8 + error feedback, partial
     ids=["flora", "hetlora-ranks", "fedadapter-int8-family-every-2"],
 )
 def test_other_strategies_and_comm_knobs_run_end_to_end(tmp_path, overrides):
