@@ -67,25 +67,27 @@ def test_other_strategies_and_comm_knobs_run_end_to_end(tmp_path, overrides):
 
 @pytest.mark.slow
 def test_killing_a_client_mid_run_does_not_stop_it(tmp_path):
-    """SIGKILL one client while round 1 is open: both rounds close at their deadline without it.
+    """SIGKILL one client once it has registered (it is then fetching or training round 1).
 
-    The victim is killed as soon as it is spawned, so the test does not race its training; the
-    server cannot tell a client killed before registering from one killed while training.
+    Depending on timing it may or may not have uploaded round 1 first; either way round 2 can
+    only close at its deadline without it, and the run must still finish every round.
     """
     config = load_sim_config(TINY, ["server.round_timeout_s=15.0", "rounds=2"])
     sim = Simulation(config, tmp_path)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(sim.run()), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 120
-    while len(sim.clients) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    registered = tmp_path / "clients" / "c2" / "client.json"
+    deadline = time.monotonic() + 180
+    while not registered.is_file() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert registered.is_file(), "the third client never registered"
     sim.clients[2].kill()
     thread.join(timeout=300)
     assert not thread.is_alive()
     assert result["final_round"] == 2
     rows = _metrics(tmp_path)
-    assert [r["clients"] for r in rows] == [0, 2, 2]  # each round closed at its deadline
+    assert rows[1]["clients"] in (2, 3) and rows[2]["clients"] == 2
     assert set(rows[-1]["global_acc"]) == {"tiny-bert-d32-l2", "tiny-bert-d48-l3"}
     assert result["clients"][2]["returncode"] != 0
 
