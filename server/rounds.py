@@ -43,6 +43,10 @@ class _Events(threading.local):
         self.pending: list[tuple[str, dict[str, Any]]] = []
 
 
+# Consecutive failed scheduler ticks before the current round is abandoned with the error.
+MAX_STEP_FAILURES = 10
+
+
 class Coordinator(Registry):
     """Owns the storage and the strategy; every public method is thread-safe."""
 
@@ -96,14 +100,35 @@ class Coordinator(Registry):
         self.flush_counters()
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             self._wake.wait(self.config.tick_s)
             self._wake.clear()
             try:
                 self.flush_counters()
                 self.step()
-            except Exception:  # keep serving; the failure is logged with its traceback
-                log.exception("round step failed")
+                failures = 0
+            except Exception as exc:  # keep serving; the failure is logged with its traceback
+                failures += 1
+                log.exception("round step failed (%d in a row)", failures)
+                if failures >= MAX_STEP_FAILURES:
+                    self._abandon_failed_round(f"{type(exc).__name__}: {exc}")
+                    failures = 0
+
+    def _abandon_failed_round(self, error: str) -> None:
+        """A round whose closing keeps raising (e.g. a corrupt stored model) is abandoned with
+        the error in its summary, so clients move on instead of polling a stuck round."""
+        rec = self.current_round()
+        if self.finished(rec):
+            return
+        with self._lock, self._txn() as c:
+            summary = json.dumps({"abandoned": True, "error": error[:500]})
+            c.execute(
+                "UPDATE rounds SET state='abandoned', closed_at=?, summary_json=? WHERE round_id=?",
+                (time.time(), summary, rec.round_id),
+            )
+            self._later("round_failed", round=rec.round_id, error=error[:500])
+            self._maybe_open_next(c, rec.round_id)
 
     def _open_first_round(self) -> None:
         with self._lock, self._txn() as c:

@@ -189,3 +189,23 @@ def test_lora_hetlora_over_http(live_server) -> None:
     assert got_b["lora.q.A"].shape == (2, 8)
     torch.testing.assert_close(got_b["lora.q.A"][0], expected_row0)
     torch.testing.assert_close(a.download("family")["lora.q.A"][3], 0.25 * ta["lora.q.A"][3])
+
+
+def test_a_round_whose_closing_keeps_failing_is_abandoned_with_the_error(live_server) -> None:
+    """A round that cannot be closed (here: aggregation raising on every tick) must not hang
+    the clients: after MAX_STEP_FAILURES ticks it is abandoned, the error recorded, and the
+    next round opens."""
+    srv = live_server(min_clients=1)
+
+    def broken(round_id: int) -> None:
+        raise OSError(f"stored model of round {round_id} is unreadable")
+
+    srv.coord._aggregate_and_close = broken  # this coordinator instance only
+    client = ApiClient(srv.url, small_spec("fam-a"))
+    tensors = random_update(client.spec, seed=1)
+    assert client.put(1, client.encode(tensors, 1, 5)).status_code == 201
+    info = wait_for_round(client, 2)
+    assert info["round"] == 2 and info["accepting"]
+    status = httpx.get(f"{srv.url}/v1/status", headers=ApiClient.auth(JOIN_TOKEN)).json()
+    first = status["rounds"][0]
+    assert first["state"] == "abandoned" and "unreadable" in first["summary"]["error"]
