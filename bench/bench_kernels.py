@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 os.environ.setdefault("EDGETUNE_KERNEL", "torch")  # the CPU path, explicitly
+from benchinfo import machine_info
 from edgetune.kernels import fused_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,28 +215,8 @@ def peak_step_memory(variant: str, T: int, d: int) -> int:
 
 
 def machine() -> dict[str, Any]:
-    with open("/proc/cpuinfo") as fh:
-        models = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
-    cpu = models[0] if models else "unknown"
-    git = ["git", "-C", str(ROOT)]
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    dirty = subprocess.run(
-        [*git, "status", "--porcelain", "kernels", "bench/bench_kernels.py"],
-        capture_output=True,
-        text=True,
-    ).stdout
-    info = {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "git_commit": commit.strip(),
-        "measured_files_dirty": bool(dirty.strip()),
-        "loadavg_1m_at_start": os.getloadavg()[0],
-        "threads": torch.get_num_threads(),
-    }
+    info = machine_info(["kernels", "bench/bench_kernels.py"])
+    info["threads"] = torch.get_num_threads()
     try:
         import triton
 

@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from benchinfo import machine_info
 
 from edgetune.adapters import AdapterConfig, apply_fedadapter
 from edgetune.export import MODEL_FILE, export_model, load_adapted
@@ -50,25 +50,10 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import transformers
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+    return machine_info(MINE) | {
         "transformers": transformers.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
-        "platform": platform.platform(),
-        "git_commit": _run(["git", "rev-parse", "HEAD"]),
-        "measured_files_dirty": bool(_run(["git", "status", "--porcelain", "--", *MINE])),
-        "loadavg_1m_at_start": os.getloadavg()[0],
     }
 
 

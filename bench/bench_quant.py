@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from benchinfo import machine_info
 
 from edgetune import quant, quant_memory
 from edgetune.zoo import load_backbone
@@ -43,29 +42,13 @@ def _run(cmd: list[str]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     import transformers
 
     bitsandbytes = quant.bnb_module()  # mutes its import-time advice to install `kernels`
-
     mine = ["edgetune/quant.py", "edgetune/zoo.py", "bench/bench_quant.py"]
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+    return machine_info(mine) | {
         "transformers": transformers.__version__,
         "bitsandbytes": bitsandbytes.__version__,
-        "platform": platform.platform(),
-        "git_commit": _run(["git", "rev-parse", "HEAD"]),
-        "measured_files_dirty": bool(_run(["git", "status", "--porcelain", "--", *mine])),
-        "loadavg_1m_at_start": os.getloadavg()[0],
     }
 
 

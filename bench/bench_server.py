@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -32,6 +31,7 @@ from typing import Any
 
 import httpx
 import torch
+from benchinfo import machine_info
 from edgetune.server.aggregation import ClientUpdate, fedadapter
 from edgetune.server.config import ServerConfig
 from edgetune.server.rounds import Coordinator
@@ -58,29 +58,8 @@ def minilm_spec(family: str) -> AdapterSpec:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "server", "edgetune/protocol.py"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "git_commit": commit,
-        "server_files_dirty": bool(dirty),
-        "loadavg_1m_at_start": os.getloadavg()[0],
-    }
+    info = machine_info(["server", "edgetune/protocol.py"], dirty_key="server_files_dirty")
+    return info | {"torch_threads": torch.get_num_threads()}
 
 
 def make_updates(n: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[ClientUpdate]]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+from benchinfo import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -366,20 +366,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    import os
-
-    import torch
-
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "-uno", "--", "edgetune", "server", "bench"],
-                           cwd=ROOT, capture_output=True, text=True)  # fmt: skip
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "python": platform.python_version(),
-            "git_commit": commit.stdout.strip() or f"not a git checkout: {ROOT}",
-            "tree_dirty": bool(dirty.stdout.strip()),
-            "loadavg_1m_at_start": os.getloadavg()[0]}  # fmt: skip
+    return machine_info(["edgetune", "server", "bench"], dirty_key="tree_dirty", untracked=False)
 
 
 def run_all(config: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
