@@ -54,7 +54,7 @@ class AdapterHandle:
         self.anchors = anchors
         self.head = head
         self._originals = originals
-        self._tensors = self._name_tensors()
+        self._tensors = {**self._name_tensors(), **self._head_tensors()}
 
     def _name_tensors(self) -> dict[str, nn.Parameter]:
         named: dict[str, nn.Parameter] = {}
@@ -74,6 +74,11 @@ class AdapterHandle:
             if "private" in layer.branches:
                 named[f"private.layer{block}.C"] = layer.C["private"]
                 named[f"private.layer{block}.q"] = layer.q["private"]
+        return named
+
+    def _head_tensors(self) -> dict[str, nn.Parameter]:
+        """The task head stays trainable and travels with the family bundle."""
+        named: dict[str, nn.Parameter] = {}
         if self.head is not None:
             for leaf, param in self.head.named_parameters():
                 param.requires_grad_(True)

@@ -83,7 +83,8 @@ class LoraLinear(nn.Module):
 
 
 class LoraHandle(AdapterHandle):
-    """Adapter handle whose tensors are `lora.<module>.A|B` (group `lora`) plus the head."""
+    """Adapter handle whose tensors are `lora.<module>.A|B` (group `lora`); the base class adds
+    the head."""
 
     def __init__(
         self,
@@ -101,10 +102,6 @@ class LoraHandle(AdapterHandle):
         named: dict[str, nn.Parameter] = {}
         for path, module in self.lora_modules.items():
             named[f"lora.{path}.A"], named[f"lora.{path}.B"] = module.A, module.B
-        if self.head is not None:
-            for leaf, param in self.head.named_parameters():
-                param.requires_grad_(True)
-                named[f"family.head.{leaf}"] = param
         return named
 
     def module_shapes(self) -> tuple[tuple[str, int, int], ...]:
