@@ -135,7 +135,6 @@ class ClientRuntime:
             np.arange(min(len(train_split), settings.train.batch_size))
         )
         self.holdout = EncodedSplit(self.backbone, holdout, max_len)
-        self.num_train = len(train_split)
         self.server = ServerClient(settings.server)
         self.train_flops_per_sample = self._train_flops_per_sample(settings, n_classes)
         self.error_feedback = ErrorFeedback()  # int8 residuals, persisted with the state
@@ -273,7 +272,7 @@ class ClientRuntime:
             info = self.server.current_round()
             done = self.settings.max_rounds and self.state["last_round"] >= self.settings.max_rounds
             if info["finished"] or done:
-                return self._finish(info)
+                return self._finish()
             if (
                 info["uploaded"]
                 or not info["accepting"]
@@ -432,7 +431,7 @@ class ClientRuntime:
         log.info("round %d: %s", round_id, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
-    def _finish(self, info: dict[str, Any]) -> dict[str, Any]:
+    def _finish(self) -> dict[str, Any]:
         final: dict[str, Any] = {
             "rounds": self.state["last_round"],
             "bytes_up": self.server.bytes_up,
@@ -459,7 +458,7 @@ class ClientRuntime:
             self.state["last_round"] = round_id
             self._save_state()
             self._log_round(round_id, metrics, 0, 0)
-        return {**self._finish({}), "history": history}
+        return {**self._finish(), "history": history}
 
 
 def _quant_options(quant: str) -> dict[str, Any]:

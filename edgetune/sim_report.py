@@ -40,13 +40,13 @@ class RoundTable:
         self.rows: list[dict[str, Any]] = []
         self.printed_header = False
 
-    def record_versions(self, results: dict[str, dict[str, Any] | None]) -> None:
-        for family, result in results.items():
-            if result is not None:
-                self.global_acc[int(result["version"])][family] = float(result["acc"])
+    def record(self, family: str, result: dict[str, Any]) -> None:
+        """The evaluator's test accuracy of one family's model version; rewrites the file."""
+        self.global_acc[int(result["version"])][family] = float(result["acc"])
         self._write()
 
-    def collect_local_rounds(self) -> None:
+    def refresh(self) -> None:
+        """Re-read the clients' round lines and rewrite `metrics.jsonl`."""
         self._write()
 
     def _build_rows(self) -> list[dict[str, Any]]:

@@ -203,10 +203,10 @@ class Simulation:
     def _run_local(self, table: RoundTable) -> dict[str, Any]:
         evaluators = FamilyEvaluator.for_config(self.config, None, None)
         for family, evaluator in evaluators.items():
-            table.record_versions({family: evaluator.evaluate_initial()})
+            table.record(family, evaluator.evaluate_initial())
         self.start_clients()
         self._wait_clients(timeout_s=None)  # local runs have no server deadline to bound them
-        table.collect_local_rounds()
+        table.refresh()
         return table.finish(time.perf_counter() - self.started, self._client_results())
 
     def _follow(self, evaluators: dict[str, FamilyEvaluator], table: RoundTable) -> None:
@@ -237,7 +237,7 @@ class Simulation:
     def _evaluate(evaluators: dict[str, FamilyEvaluator], table: RoundTable) -> None:
         for family, evaluator in evaluators.items():
             for result in evaluator.evaluate_new():
-                table.record_versions({family: result})
+                table.record(family, result)
 
     def _wait_clients(self, timeout_s: float | None = 600.0) -> None:
         """Wait for every client process; past `timeout_s` (None: forever) kill the stragglers."""

@@ -66,6 +66,18 @@ def test_other_strategies_and_comm_knobs_run_end_to_end(tmp_path, overrides):
 
 
 @pytest.mark.slow
+def test_local_only_baseline_runs_without_a_server(tmp_path):
+    summary = run_simulation(load_sim_config(TINY, ['strategy="local"']), tmp_path)
+    rows = _metrics(tmp_path)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["bytes_up"] == 0 and r["bytes_down"] == 0 for r in rows)
+    assert all(r["clients"] == 3 and r["personal_acc"] for r in rows[1:])
+    assert summary["final_global_acc"] == {}  # no server model exists in a local-only run
+    assert set(summary["final_personal_test_acc"]) == {"tiny-bert-d32-l2", "tiny-bert-d48-l3"}
+    assert not (tmp_path / "server").exists()
+
+
+@pytest.mark.slow
 def test_killing_a_client_mid_run_does_not_stop_it(tmp_path):
     """SIGKILL one client once it has registered (it is then fetching or training round 1).
 
