@@ -4,11 +4,11 @@ Run:  .venv/bin/python bench/bench_quant.py             (writes bench/results/qu
       .venv/bin/python bench/bench_quant.py --quick     (1 repeat, 3 timed steps)
 
 For MiniLM-L6 at each quant mode (none, int8, nf4) this measures, in one run:
-- weight bytes, exact (edgetune.quant_memory.weight_bytes: parameters, buffers, packed 4-bit storage
+- weight bytes, exact (edgetune.measure.memory.weight_bytes: parameters, buffers, packed 4-bit storage
   and quant state), over the whole backbone and over the quantized linear layers only: the
   embeddings (30522 x 384 fp32 = 47 MB of MiniLM's 90 MB) stay full precision by design;
 - peak resident memory of one training step (rank-16 FedAdapter in every block + a 4-class
-  head, AdamW, batch x seq tokens), each in a fresh interpreter (edgetune.quant_memory.step_memory):
+  head, AdamW, batch x seq tokens), each in a fresh interpreter (edgetune.measure.memory.step_memory):
   the kernel's high-water mark VmHWM, reset after loading and one warm-up step. Also reported:
   the same peak minus the RSS after importing torch/transformers/bitsandbytes (what the model
   and the step add), and the load peak (quantized modes load fp32 first);
@@ -30,8 +30,9 @@ from typing import Any
 
 from benchinfo import machine_info
 
-from edgetune import quant, quant_memory
-from edgetune.zoo import load_backbone
+from edgetune.measure import memory as quant_memory
+from edgetune.models import quant
+from edgetune.models.zoo import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"nf4_weight_bytes_ratio": 0.35, "nf4_step_peak_rss_ratio": 0.6}

@@ -6,7 +6,7 @@
 For each strategy (fedadapter, fedavg-lora, hetlora, flexlora, flora, local) it runs
 `edgetune simulate` in a subprocess (same TOML, seed and Dirichlet split; HetLoRA and FlexLoRA
 get heterogeneous per-client ranks, see `het_groups`), then profiles one local training step
-of every backbone with `edgetune.profile.profile_backbone` (exact FLOPs, peak memory) and writes
+of every backbone with `edgetune.measure.profile.profile_backbone` (exact FLOPs, peak memory) and writes
 `bench/results/paper_table.json` and `bench/results/paper_table.md`.
 
 Columns: final global-model test accuracy per family and overall (local: personal test
@@ -134,14 +134,14 @@ def _to_toml(config: dict[str, Any]) -> str:
 
 def comm_supported() -> bool:
     """True when `edgetune simulate` accepts the `comm.*` keys (family_every, compression)."""
-    from edgetune.config import SimConfig
+    from edgetune.config.run import SimConfig
 
     return "comm" in SimConfig.__dataclass_fields__
 
 
 def blocks_supported() -> bool:
     """True when the client runtime puts FedAdapter on blocks "from:N" on the wire."""
-    from edgetune import client
+    from edgetune.client import runtime as client
 
     return hasattr(client, "first_block_of")  # what the client's spec builder uses for it
 
@@ -218,7 +218,7 @@ class Profiler:
         self.cache: dict[tuple, dict[str, Any]] = {}
 
     def get(self, backbone: str, quant: str, adapter: str, rank: int, **extra: Any) -> dict:
-        from edgetune.profile import profile_backbone
+        from edgetune.measure.profile import profile_backbone
 
         key = (backbone, quant, adapter, rank, tuple(sorted(extra.items())))
         if key not in self.cache:

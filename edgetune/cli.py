@@ -15,7 +15,7 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from edgetune.zoo import ZOO, load_backbone
+    from edgetune.models.zoo import ZOO, load_backbone
 
     if args.name is None:
         width = max(len(n) for n in ZOO)
@@ -24,7 +24,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
         print("\nAny local Hugging Face folder (BERT, ViT, GPT-2, Llama) works as a path too.")
         return 0
     if args.quant is not None:
-        from edgetune.quant_memory import memory_table
+        from edgetune.measure.memory import memory_table
 
         print(memory_table(args.name, quants=tuple(dict.fromkeys(("none", args.quant)))))
         return 0
@@ -46,8 +46,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _print_adapter_counts(backbone, args: argparse.Namespace) -> int:
-    from edgetune.adapters import AdapterConfig, apply_fedadapter
-    from edgetune.lora import LoraConfig, apply_lora
+    from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
+    from edgetune.adapters.lora import LoraConfig, apply_lora
 
     if args.adapter == "lora":
         handle = apply_lora(backbone.model, backbone.spec, LoraConfig(rank=args.rank))
@@ -68,8 +68,8 @@ def _print_adapter_counts(backbone, args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from edgetune.data import DATASETS, fortune_categories, load_dataset
-    from edgetune.partition import dirichlet_partition, label_skew, partition_summary
+    from edgetune.data.datasets import DATASETS, fortune_categories, load_dataset
+    from edgetune.data.partition import dirichlet_partition, label_skew, partition_summary
 
     if args.name is None:
         for name, description in DATASETS.items():
@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:
     """Subcommands owned by other modules register themselves here."""
-    from edgetune import client_cli, export, infer, profile
+    from edgetune.client import cli as client_cli
+    from edgetune.measure import profile
+    from edgetune.onnx import export, infer
     from edgetune.server import cli as server_cli
 
     server_cli.register_cli(sub)
@@ -164,8 +166,8 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from edgetune.config import load_sim_config
-    from edgetune.simulate import run_simulation
+    from edgetune.config.run import load_sim_config
+    from edgetune.sim.harness import run_simulation
 
     overrides = list(args.overrides) + ([f"strategy={args.strategy}"] if args.strategy else [])
     config = load_sim_config(args.config or DEMO_CONFIG, overrides)

@@ -18,11 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import edgetune
-from edgetune.protocol import PROTOCOL_VERSION
+from edgetune.protocol.core import PROTOCOL_VERSION
 
 from .rounds import Coordinator
 from .storage import ClientRecord
-from .strategy import GLOBAL, family_model
+from edgetune.strategies.base import GLOBAL, family_model
 from .validation import ApiError
 
 OCTET = "application/octet-stream"
@@ -31,7 +31,7 @@ _BINARY_BODY = {
     "requestBody": {
         "required": True,
         "content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
-        "description": "safetensors update with edgetune.* metadata (see edgetune.protocol)",
+        "description": "safetensors update with edgetune.* metadata (see edgetune.protocol.core)",
     }
 }
 _BINARY_RESPONSE: dict[int | str, dict[str, Any]] = {

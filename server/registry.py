@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
-from edgetune.protocol import (
+from edgetune.protocol.core import (
     META_FAMILY,
     META_KIND,
     META_ROUND,
@@ -31,10 +31,10 @@ from edgetune.protocol import (
     initial_tensors,
 )
 
-from .aggregation import TensorDict
+from edgetune.strategies.aggregation import TensorDict
 from .config import ServerConfig
 from .storage import ClientRecord, Storage
-from .strategy import GLOBAL, Strategy, family_model
+from edgetune.strategies.base import GLOBAL, Strategy, family_model
 from .validation import ApiError
 
 log = logging.getLogger("edgetune.server")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from edgetune.protocol import (
+from edgetune.protocol.core import (
     META_COMPRESSION,
     AdapterSpec,
     ProtocolError,
@@ -28,11 +28,11 @@ from edgetune.protocol import (
     decompress_tensors,
 )
 
-from .aggregation import ClientUpdate, TensorDict
+from edgetune.strategies.aggregation import ClientUpdate, TensorDict
 from .config import ServerConfig
 from .registry import Registry, hash_token, log, log_event
 from .storage import ClientRecord, RoundRecord, Storage, UpdateRecord, bump_counter, sha256_hex
-from .strategy import GLOBAL, Strategy, family_model, make_strategy
+from edgetune.strategies.base import GLOBAL, Strategy, family_model, make_strategy
 from .validation import ApiError, validate_update
 
 ACCEPTING = ("open", "collecting")

@@ -37,13 +37,13 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def minilm_l6():
-    from edgetune.zoo import load_backbone
+    from edgetune.models.zoo import load_backbone
 
     return load_backbone("minilm-l6")
 
 
 @pytest.fixture(scope="session")
 def minilm_l3():
-    from edgetune.zoo import load_backbone
+    from edgetune.models.zoo import load_backbone
 
     return load_backbone("minilm-l3")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from edgetune.kernels import reference_adapter
 
-from edgetune.adapters import AdapterConfig, FedAdapterLayer, apply_fedadapter
+from edgetune.adapters.fedadapter import AdapterConfig, FedAdapterLayer, apply_fedadapter
 from edgetune.errors import ConfigError
-from edgetune.heads import build_task_model
-from edgetune.zoo import load_backbone
+from edgetune.models.heads import build_task_model
+from edgetune.models.zoo import load_backbone
 
 TINY = ["tiny-bert-d32-l3", "tiny-vit-d32-l3", "tiny-gpt2-d32-l3", "tiny-llama-d32-l3"]
 

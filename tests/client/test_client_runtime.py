@@ -12,10 +12,10 @@ import httpx
 import pytest
 import torch
 
-from edgetune.adapters import AdapterConfig
-from edgetune.client import ClientRuntime, ClientSettings, ShardSpec
-from edgetune.trainer import TrainConfig
-from edgetune.transport import ServerClient, ServerError
+from edgetune.adapters.fedadapter import AdapterConfig
+from edgetune.client.runtime import ClientRuntime, ClientSettings, ShardSpec
+from edgetune.client.trainer import TrainConfig
+from edgetune.client.transport import ServerClient, ServerError
 
 JOIN = "client-runtime-test-join-token-000"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgetune.compression import (
+from edgetune.protocol.compression import (
     ErrorFeedback,
     bundles_to_send,
     compress_update,
@@ -14,7 +14,7 @@ from edgetune.compression import (
     wire_group,
 )
 from edgetune.errors import ConfigError
-from edgetune.protocol import (
+from edgetune.protocol.core import (
     SCALE_SUFFIX,
     AdapterSpec,
     ProtocolError,
@@ -139,7 +139,7 @@ def test_int8_update_metadata_round_trip() -> None:
 def test_bad_bundles_metadata_is_rejected(bad: str) -> None:
     spec = _spec()
     md = UpdateMeta("fam", 1, spec.spec_hash, spec.fingerprint, 5).to_metadata()
-    md["edgetune.protocol"] = "1"
+    md["edgetune.protocol.core"] = "1"
     md["edgetune.bundles"] = bad
     with pytest.raises(ProtocolError) as err:
         UpdateMeta.from_metadata(md)

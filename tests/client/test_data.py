@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from edgetune.data import load_dataset, load_fortunes
+from edgetune.data.datasets import load_dataset, load_fortunes
 from edgetune.errors import DataError
-from edgetune.partition import dirichlet_partition, label_skew, partition_summary
+from edgetune.data.partition import dirichlet_partition, label_skew, partition_summary
 
 
 def test_fortunes_is_deduplicated_and_split_deterministically():

@@ -18,13 +18,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgetune.adapters import AdapterConfig, apply_fedadapter
+from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
 from edgetune.errors import ConfigError
-from edgetune.export import ADAPTER_FILE, MODEL_FILE, export_model, graph_tensors
-from edgetune.export import register_cli as register_export
-from edgetune.heads import build_task_model
-from edgetune.infer import OnnxClassifier, convert_adapter
-from edgetune.infer import register_cli as register_infer
+from edgetune.onnx.export import ADAPTER_FILE, MODEL_FILE, export_model, graph_tensors
+from edgetune.onnx.export import register_cli as register_export
+from edgetune.models.heads import build_task_model
+from edgetune.onnx.infer import OnnxClassifier, convert_adapter
+from edgetune.onnx.infer import register_cli as register_infer
 
 CONFIG = AdapterConfig(rank=16, n_anchors=2)
 N_CLASSES = 4
@@ -126,7 +126,7 @@ def test_merged_export_matches_torch_with_fewer_initializers(l3):
 
 def test_token_gate_exports_and_matches_torch(tmp_path):
     """The per-token gate takes the lowering's [T, n] alpha path (the default is [n])."""
-    from edgetune.zoo import load_backbone
+    from edgetune.models.zoo import load_backbone
 
     tiny = load_backbone("tiny-bert-d64-l2")
     task = trained_model(tiny, 4, tmp_path / "a.safetensors", AdapterConfig(rank=8, gate="token"))
@@ -141,7 +141,7 @@ def test_token_gate_exports_and_matches_torch(tmp_path):
 def test_image_model_exports_and_cli_classifies_an_image_file(tmp_path, capsys):
     from PIL import Image
 
-    from edgetune.zoo import load_backbone
+    from edgetune.models.zoo import load_backbone
 
     vit = load_backbone("tiny-vit-d64-l2")
     task = trained_model(vit, 5, tmp_path / "a.safetensors", AdapterConfig(rank=8))

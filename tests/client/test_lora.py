@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgetune.errors import ConfigError
-from edgetune.lora import LoraConfig, apply_lora
+from edgetune.adapters.lora import LoraConfig, apply_lora
 
 
 def test_lora_matches_peft_on_minilm_l6(minilm_l6):
@@ -43,7 +43,7 @@ def test_lora_matches_peft_on_minilm_l6(minilm_l6):
 def test_lora_errors():
     with pytest.raises(ConfigError, match="rank"):
         LoraConfig(rank=0)
-    from edgetune.zoo import load_backbone
+    from edgetune.models.zoo import load_backbone
 
     backbone = load_backbone("tiny-bert-d32-l1")
     with pytest.raises(ConfigError, match="match no linear"):

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from edgetune.profile import (
+from edgetune.measure.profile import (
     format_table,
     profile_backbone,
     register_cli,
     update_bytes,
 )
-from edgetune.protocol import initial_tensors
+from edgetune.protocol.core import initial_tensors
 
 
 # Hand formulas of the fused adapter (DESIGN section 3), written out here rather than imported
@@ -90,10 +90,10 @@ def test_parameter_counts(profiles) -> None:
 
 
 def _spec_of(prof: dict):
-    from edgetune.adapters import AdapterConfig
-    from edgetune.lora import LoraConfig
-    from edgetune.profile import build_setup
-    from edgetune.zoo import load_backbone
+    from edgetune.adapters.fedadapter import AdapterConfig
+    from edgetune.adapters.lora import LoraConfig
+    from edgetune.measure.profile import build_setup
+    from edgetune.models.zoo import load_backbone
 
     return build_setup(load_backbone(prof["backbone"]), "fedadapter", C, AdapterConfig(rank=R),
                        LoraConfig()).spec  # fmt: skip
@@ -130,10 +130,10 @@ def test_timing_memory_table_and_cli(capsys) -> None:
 
 def test_adapters_from_block_1_cut_backward_and_travel_on_the_wire() -> None:
     """blocks="from:1" on 3 blocks: backward stops above block 1; the spec names match."""
-    from edgetune.adapters import AdapterConfig
-    from edgetune.lora import LoraConfig
-    from edgetune.profile import build_setup
-    from edgetune.zoo import load_backbone
+    from edgetune.adapters.fedadapter import AdapterConfig
+    from edgetune.adapters.lora import LoraConfig
+    from edgetune.measure.profile import build_setup
+    from edgetune.models.zoo import load_backbone
 
     prof = profile_backbone("tiny-bert-d32-l3", adapter="fedadapter", batch=B, seq=S, rank=R,
                             blocks="from:1", n_classes=C, timing=False)  # fmt: skip
@@ -154,7 +154,7 @@ def test_adapters_from_block_1_cut_backward_and_travel_on_the_wire() -> None:
 
 
 def test_first_block_keeps_old_spec_hashes() -> None:
-    from edgetune.protocol import AdapterSpec, ProtocolError
+    from edgetune.protocol.core import AdapterSpec, ProtocolError
 
     spec = AdapterSpec("fam", "fp", d_model=8, n_layers=3, rank=4)
     assert "first_block" not in spec.to_dict()

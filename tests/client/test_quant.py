@@ -6,9 +6,10 @@ from collections import Counter
 import pytest
 import torch
 
-from edgetune import quant, quant_memory
+from edgetune.measure import memory as quant_memory
+from edgetune.models import quant
 from edgetune.errors import ZooError
-from edgetune.zoo import embed_texts, load_backbone, weights_fingerprint
+from edgetune.models.zoo import embed_texts, load_backbone, weights_fingerprint
 
 SENTENCES = [
     "A man is eating food.",
@@ -114,10 +115,10 @@ def test_head_only_step_backpropagates_through_every_quantized_layer():
 
 
 def test_failing_probe_falls_back_with_one_log_line(caplog, fresh_probes):
-    with caplog.at_level(logging.WARNING, logger="edgetune.quant"):
+    with caplog.at_level(logging.WARNING, logger="edgetune.models.quant"):
         used, probes = quant.resolve_quant("nf4", "nosuchdevice")
     assert used == "none" and [p.mode for p in probes] == ["nf4", "int8", "none"]
-    records = [r for r in caplog.records if r.name == "edgetune.quant"]
+    records = [r for r in caplog.records if r.name == "edgetune.models.quant"]
     assert len(records) == 1
     message = records[0].getMessage()
     assert "quant='nf4'" in message and "'nosuchdevice'" in message
@@ -138,7 +139,7 @@ def test_load_backbone_falls_back_to_int8(monkeypatch, caplog, fresh_probes):
         return real(mode, device, compute_dtype)
 
     monkeypatch.setattr(quant, "_run_probe", broken_4bit)
-    with caplog.at_level(logging.WARNING, logger="edgetune.quant"):
+    with caplog.at_level(logging.WARNING, logger="edgetune.models.quant"):
         backbone = load_backbone("tiny-bert", quant="nf4")
     assert backbone.quant == "int8" and backbone.extras["quant"]["requested"] == "nf4"
     assert "simulated: no 4-bit kernel" in caplog.text and "quant='int8'" in caplog.text

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edgetune.config import SimConfig, config_reference, load_sim_config
+from edgetune.config.run import SimConfig, config_reference, load_sim_config
 from edgetune.errors import ConfigError
-from edgetune.simulate import Simulation, run_simulation
+from edgetune.sim.harness import Simulation, run_simulation
 
 TINY = Path(__file__).parents[1] / "data" / "tiny_sim.toml"
 README = Path(__file__).parents[2] / "README.md"

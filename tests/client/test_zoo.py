@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from edgetune.errors import ZooError
-from edgetune.minilm_l3 import PARITY_ATOL, max_abs_diff_vs_onnxruntime
-from edgetune.zoo import embed_texts, load_backbone, weights_fingerprint
+from edgetune.models.minilm_l3 import PARITY_ATOL, max_abs_diff_vs_onnxruntime
+from edgetune.models.zoo import embed_texts, load_backbone, weights_fingerprint
 
 PARAPHRASE_TRIPLES = [
     (
@@ -56,7 +56,7 @@ def test_backbone_is_frozen_and_in_eval(minilm_l6):
 
 def test_mobilenet_classifies_chelsea_as_cat():
     skimage_data = pytest.importorskip("skimage.data")
-    from edgetune.mobilenet import IMAGENET_CAT_CLASSES
+    from edgetune.models.mobilenet import IMAGENET_CAT_CLASSES
 
     backbone = load_backbone("mobilenet-v2")
     with torch.no_grad():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from edgetune.server.aggregation import (
+from edgetune.strategies.aggregation import (
     ClientUpdate,
     balanced_weights,
     factored_svd,
@@ -17,7 +17,7 @@ from edgetune.server.aggregation import (
     weighted_average,
 )
 
-from edgetune.protocol import truncate_lora
+from edgetune.protocol.core import truncate_lora
 
 
 def upd(cid: str, fam: str, n: int, **tensors: list[float]) -> ClientUpdate:

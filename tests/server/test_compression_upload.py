@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgetune.compression import ErrorFeedback, compress_update
-from edgetune.profile import CLIENT_METRICS, profile_backbone
-from edgetune.protocol import (
+from edgetune.protocol.compression import ErrorFeedback, compress_update
+from edgetune.measure.profile import CLIENT_METRICS, profile_backbone
+from edgetune.protocol.core import (
     SCALE_SUFFIX,
     AdapterSpec,
     UpdateMeta,
@@ -15,7 +15,7 @@ from edgetune.protocol import (
     encode_update,
     initial_tensors,
 )
-from edgetune.transport import ServerClient
+from edgetune.client.transport import ServerClient
 
 from .conftest import JOIN_TOKEN, ApiClient, random_update, small_spec, wait_for_round
 
@@ -131,10 +131,10 @@ def test_lora_has_no_global_bundle(live_server) -> None:
 
 
 def _spec_of() -> AdapterSpec:
-    from edgetune.adapters import AdapterConfig
-    from edgetune.lora import LoraConfig
-    from edgetune.profile import build_setup
-    from edgetune.zoo import load_backbone
+    from edgetune.adapters.fedadapter import AdapterConfig
+    from edgetune.adapters.lora import LoraConfig
+    from edgetune.measure.profile import build_setup
+    from edgetune.models.zoo import load_backbone
 
     setup = build_setup(load_backbone("tiny-bert-d32-l2"), "fedadapter", 3, AdapterConfig(rank=4),
                         LoraConfig())  # fmt: skip
@@ -179,7 +179,7 @@ def test_bytes_match_what_the_client_sends_and_receives(live_server) -> None:
 def _upload(
     client: ServerClient, path: str, tensors: dict, spec, compression: str, bundles=None
 ) -> None:
-    from edgetune.compression import ErrorFeedback, compress_update
+    from edgetune.protocol.compression import ErrorFeedback, compress_update
 
     wire, tag = compress_update(tensors, ErrorFeedback() if compression != "none" else None,
                                 compression)  # fmt: skip

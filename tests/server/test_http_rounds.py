@@ -7,9 +7,9 @@ from pathlib import Path
 
 import httpx
 import torch
-from edgetune.server.aggregation import ClientUpdate, fedadapter
+from edgetune.strategies.aggregation import ClientUpdate, fedadapter
 
-from edgetune.protocol import decode_payload
+from edgetune.protocol.core import decode_payload
 
 from .conftest import JOIN_TOKEN, ApiClient, random_update, small_spec, wait_for_round
 

@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from edgetune.protocol import (
+from edgetune.protocol.core import (
     AdapterSpec,
     ProtocolError,
     UpdateMeta,

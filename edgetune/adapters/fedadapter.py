@@ -11,7 +11,7 @@ The whole computation is one call of the fused op `edgetune.kernels.fused_adapte
 adds the FFN output it is given as `residual`. `apply_fedadapter` swaps module *instances* on the
 given model (the block's FFN output module becomes a wrapper holding the original and the
 adapter), freezes every backbone parameter and returns an `AdapterHandle`, which names the
-trainable tensors with the wire names of `edgetune.protocol` and can remove the adapters again.
+trainable tensors with the wire names of `edgetune.protocol.core` and can remove the adapters again.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from edgetune import kernels
-from edgetune.adapter_handle import AdapterHandle
+from edgetune.adapters.handle import AdapterHandle
 from edgetune.errors import ConfigError
-from edgetune.protocol import anchor_layers
-from edgetune.zoo import BackboneSpec
+from edgetune.protocol.core import anchor_layers
+from edgetune.models.zoo import BackboneSpec
 
 BRANCHES = ("global", "family", "private")
 GATES = ("layer", "token")

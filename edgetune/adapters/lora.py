@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from edgetune.adapter_handle import AdapterHandle
+from edgetune.adapters.handle import AdapterHandle
 from edgetune.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""`edgetune client`: run one client against a server (also `python -m edgetune.client_cli`)."""
+"""`edgetune client`: run one client against a server (also `python -m edgetune.client.cli`)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from edgetune.adapters import AdapterConfig
-from edgetune.client import KINDS, ClientRuntime, ClientSettings, ShardSpec
+from edgetune.adapters.fedadapter import AdapterConfig
+from edgetune.client.runtime import KINDS, ClientRuntime, ClientSettings, ShardSpec
 from edgetune.errors import ConfigError, EdgeTuneError
-from edgetune.lora import LoraConfig
-from edgetune.trainer import TrainConfig
+from edgetune.adapters.lora import LoraConfig
+from edgetune.client.trainer import TrainConfig
 
 JOIN_TOKEN_ENV = "EDGETUNE_JOIN_TOKEN"
 

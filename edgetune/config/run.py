@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgetune.adapters import AdapterConfig
+from edgetune.adapters.fedadapter import AdapterConfig
 from edgetune.errors import ConfigError
-from edgetune.lora import LoraConfig
-from edgetune.trainer import TrainConfig
+from edgetune.adapters.lora import LoraConfig
+from edgetune.client.trainer import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,4 +1,4 @@
-"""ONNX Runtime inference on an export folder (see `edgetune.export`), with swappable adapters.
+"""ONNX Runtime inference on an export folder (see `edgetune.onnx.export`), with swappable adapters.
 
     clf = OnnxClassifier("out/")                       # the exported client's adapter
     clf.predict(["some text"])                         # -> [Prediction(label, index, probs)]
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetune.errors import ConfigError
-from edgetune.export import (
+from edgetune.onnx.export import (
     LAYOUTS,
     MANIFEST_FILE,
     TOKENIZER_DIR,
@@ -203,7 +203,7 @@ class OnnxClassifier:
                 list(inputs), padding=True, truncation=True, max_length=512, return_tensors="np"
             )
             return {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
-        from edgetune.preprocess import ImagePreprocess
+        from edgetune.models.preprocess import ImagePreprocess
 
         pre = ImagePreprocess(**self.manifest["preprocess"])
         arrays = [_read_image(x) if isinstance(x, (str, Path)) else np.asarray(x) for x in inputs]

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from edgetune.data import Split
+from edgetune.data.datasets import Split
 from edgetune.errors import ConfigError
-from edgetune.zoo import Backbone
+from edgetune.models.zoo import Backbone
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def measure_step_flops(
     No optimiser step is taken and the gradients are cleared afterwards. Ops without a
     registered FLOP formula (e.g. bitsandbytes' dequantising matmuls) count as zero.
     """
-    from edgetune.flops import flop_counter
+    from edgetune.measure.flops import flop_counter
 
     features, labels = data.batch(torch.arange(min(batch_size, len(data))))
     model.train()

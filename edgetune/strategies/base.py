@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from edgetune.protocol import (
+from edgetune.protocol.core import (
     KIND_FEDADAPTER,
     KIND_LORA,
     UPDATE_ENCODING,
@@ -24,8 +24,8 @@ from edgetune.protocol import (
     truncate_lora,
 )
 
-from . import aggregation as agg
-from .aggregation import ClientUpdate, TensorDict
+from edgetune.strategies import aggregation as agg
+from edgetune.strategies.aggregation import ClientUpdate, TensorDict
 
 log = logging.getLogger("edgetune.server")
 

@@ -31,13 +31,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgetune.adapters import AdapterConfig, apply_fedadapter
-from edgetune.compression import ErrorFeedback, compress_update
+from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
+from edgetune.protocol.compression import ErrorFeedback, compress_update
 from edgetune.errors import ConfigError
-from edgetune.flops import flop_counter
-from edgetune.heads import build_task_model
-from edgetune.lora import LoraConfig, apply_lora
-from edgetune.protocol import (
+from edgetune.measure.flops import flop_counter
+from edgetune.models.heads import build_task_model
+from edgetune.adapters.lora import LoraConfig, apply_lora
+from edgetune.protocol.core import (
     BUNDLE_GLOBAL,
     COMPRESSION_NONE,
     COMPRESSIONS,
@@ -55,7 +55,7 @@ from edgetune.protocol import (
     first_block_of,
     initial_tensors,
 )
-from edgetune.zoo import Backbone, load_backbone
+from edgetune.models.zoo import Backbone, load_backbone
 
 ADAPTERS = ("fedadapter", "lora", "full")
 #: The metric keys (with typical values) a client reports in every update's metadata.
@@ -318,7 +318,7 @@ def memory_estimate(setup: Setup, features: dict, labels: Tensor) -> dict[str, i
         loss = nn.functional.cross_entropy(setup.task(**features), labels)
     del loss
     setup.task.eval()
-    from edgetune.quant_memory import weight_bytes
+    from edgetune.measure.memory import weight_bytes
 
     weights = sum(weight_bytes(setup.task).values())
     trainable = sum(p.numel() * p.element_size() for p in setup.trainable)
@@ -330,7 +330,7 @@ def memory_estimate(setup: Setup, features: dict, labels: Tensor) -> dict[str, i
 
 def peak_step_memory(setup: Setup, features: dict, labels: Tensor) -> dict[str, Any]:
     """Peak memory of one (warm) training step."""
-    from edgetune.quant_memory import _proc_status_bytes, _reset_peak_rss
+    from edgetune.measure.memory import _proc_status_bytes, _reset_peak_rss
 
     step = step_closure(setup, features, labels)
     step()  # optimizer state and lazy initialisation are not the step's peak

@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgetune.adapters import AdapterConfig, apply_fedadapter
-from edgetune.compression import ErrorFeedback, bundles_to_send, compress_update, select_bundles
-from edgetune.data import Dataset, Split, load_dataset
+from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
+from edgetune.protocol.compression import ErrorFeedback, bundles_to_send, compress_update, select_bundles
+from edgetune.data.datasets import Dataset, Split, load_dataset
 from edgetune.errors import ConfigError
-from edgetune.heads import build_task_model
-from edgetune.lora import LoraConfig, apply_lora
-from edgetune.partition import dirichlet_partition
-from edgetune.protocol import (
+from edgetune.models.heads import build_task_model
+from edgetune.adapters.lora import LoraConfig, apply_lora
+from edgetune.data.partition import dirichlet_partition
+from edgetune.protocol.core import (
     KIND_FEDADAPTER,
     KIND_LORA,
     META_ROUND,
@@ -37,9 +37,9 @@ from edgetune.protocol import (
     first_block_of,
     initial_tensors,
 )
-from edgetune.trainer import EncodedSplit, TrainConfig, evaluate, measure_step_flops, train_local
-from edgetune.transport import ServerClient, ServerError
-from edgetune.zoo import load_backbone
+from edgetune.client.trainer import EncodedSplit, TrainConfig, evaluate, measure_step_flops, train_local
+from edgetune.client.transport import ServerClient, ServerError
+from edgetune.models.zoo import load_backbone
 
 log = logging.getLogger(__name__)
 KINDS = ("fedadapter", "fedavg-lora", "hetlora", "flexlora", "flora", "local")

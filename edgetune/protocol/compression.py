@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from edgetune.errors import ConfigError
-from edgetune.protocol import (
+from edgetune.protocol.core import (
     BUNDLE_FAMILY,
     BUNDLE_GLOBAL,
     COMPRESSION_INT8,

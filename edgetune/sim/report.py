@@ -14,7 +14,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from edgetune.config import SimConfig
+from edgetune.config.run import SimConfig
 
 log = logging.getLogger(__name__)
 MB = 1e6

@@ -58,7 +58,7 @@ HTTP flow (all under ``/v1``; errors are JSON ``{"error": code, "detail": messag
    Communication knobs (both optional, in the update metadata):
    ``edgetune.bundles = "global"``: a partial FedAdapter update holding the global branch only
    (the family bundle goes every P rounds); the server averages each family bundle over the
-   clients that sent it and merges the global deltas of all. ``edgetune.compression = "int8"``:
+   clients that sent it and merges the global deltas of all. ``edgetune.protocol.compression = "int8"``:
    every tensor ``<name>`` travels as I8 plus ``<name>.__scale__`` (F32, [1]); the server checks
    names, shapes, dtypes and finiteness, then uses ``q * scale`` (the blob is stored as sent).
 5. ``GET /v1/status`` (join or client token), ``GET /v1/health``, ``GET /v1/openapi.json``.
@@ -94,7 +94,7 @@ KIND_FEDADAPTER = "fedadapter"
 KIND_LORA = "lora"
 
 # Metadata keys of the safetensors header (all values are strings).
-META_PROTOCOL = "edgetune.protocol"
+META_PROTOCOL = "edgetune.protocol.core"
 META_KIND = "edgetune.kind"  # "update" | "global" | "family"
 META_FAMILY = "edgetune.family"
 META_ROUND = "edgetune.round"
@@ -102,7 +102,7 @@ META_SPEC = "edgetune.spec"  # canonical JSON of the AdapterSpec
 META_SPEC_HASH = "edgetune.spec_hash"
 META_FINGERPRINT = "edgetune.fingerprint"
 META_DTYPE = "edgetune.dtype"
-META_COMPRESSION = "edgetune.compression"
+META_COMPRESSION = "edgetune.protocol.compression"
 META_ENCODING = "edgetune.encoding"
 META_NUM_SAMPLES = "edgetune.num_samples"
 META_METRICS = "edgetune.metrics"  # JSON object of metric name -> finite number

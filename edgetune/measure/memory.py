@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from edgetune.errors import ZooError
-from edgetune.quant import bnb_module, check_mode, quantizable_linears
+from edgetune.models.quant import bnb_module, check_mode, quantizable_linears
 
 if TYPE_CHECKING:
-    from edgetune.zoo import Backbone
+    from edgetune.models.zoo import Backbone
 
 
 def _quant_state_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -105,7 +105,7 @@ def linear_weight_bytes(model: nn.Module) -> dict[str, int]:
 
 def memory_table(name: str, quants: tuple[str, ...] = ("none", "int8", "nf4")) -> str:
     """Weight memory of backbone `name` per quant mode and dtype, as a printable table."""
-    from edgetune.zoo import load_backbone
+    from edgetune.models.zoo import load_backbone
 
     rows = []
     for mode in quants:
@@ -160,7 +160,7 @@ def make_train_step(
     head = nn.Linear(spec.hidden_size, 4)
     trainable = list(head.parameters())
     if adapter == "fedadapter":
-        from edgetune.adapters import AdapterConfig, apply_fedadapter
+        from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
 
         handle = apply_fedadapter(model, spec, AdapterConfig(rank=16))
         trainable += [p for p in handle.named_tensors().values() if p.requires_grad]
@@ -217,7 +217,7 @@ def _peak_rss_bytes() -> tuple[int, str]:
 
 def _step_memory_child(config_json: str) -> None:
     """Entry point of the measuring interpreter: prints one JSON line."""
-    from edgetune.zoo import load_backbone
+    from edgetune.models.zoo import load_backbone
 
     cfg = json.loads(config_json)
     if cfg.get("threads"):
@@ -286,7 +286,7 @@ def step_memory(
             "threads": threads,
         }
     )
-    code = "import sys; from edgetune.quant_memory import _step_memory_child as m; m(sys.argv[1])"
+    code = "import sys; from edgetune.measure.memory import _step_memory_child as m; m(sys.argv[1])"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", code, config],

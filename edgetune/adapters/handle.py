@@ -1,6 +1,6 @@
 """The handle `apply_fedadapter` returns: wire names, parameter groups, save/load, removal.
 
-Groups (the names are those of `edgetune.protocol`):
+Groups (the names are those of `edgetune.protocol.core`):
 - `global`:  `global.anchor{k}.C|q`, k = 1..K; the same names and shapes in every family;
 - `family`:  `family.layer{l}.D|b_D|C|q|U|b_U|alpha_logits|W_alpha` and the head
              `family.head.weight|bias`; aggregated among clients of one family;

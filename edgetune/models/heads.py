@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from edgetune.errors import ConfigError
-from edgetune.zoo import Backbone
+from edgetune.models.zoo import Backbone
 
 
 def _last_hidden(model: nn.Module, causal_lm: bool, **inputs: Tensor) -> Tensor:

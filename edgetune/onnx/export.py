@@ -43,15 +43,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgetune import kernels
-from edgetune.adapter_handle import META_CONFIG, META_FAMILY, META_FINGERPRINT
-from edgetune.adapters import AdapterConfig, apply_fedadapter
+from edgetune.adapters.handle import META_CONFIG, META_FAMILY, META_FINGERPRINT
+from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
 from edgetune.errors import ConfigError
-from edgetune.zoo import Backbone, load_backbone
+from edgetune.models.zoo import Backbone, load_backbone
 
 if TYPE_CHECKING:
     import onnx
 
-    from edgetune.adapter_handle import AdapterHandle
+    from edgetune.adapters.handle import AdapterHandle
 
 MODEL_FILE = "model.onnx"
 ADAPTER_FILE = "adapter.onnx_adapter"
@@ -77,7 +77,7 @@ class LayerLayout:
 
 
 def layer_layouts(config: AdapterConfig, num_layers: int) -> list[LayerLayout]:
-    """Per adapted block: branch order and the wire names (see `edgetune.adapter_handle`)."""
+    """Per adapted block: branch order and the wire names (see `edgetune.adapters.handle`)."""
     anchors = config.anchor_blocks(num_layers)
     out = []
     for block in config.adapted_blocks(num_layers):
@@ -101,7 +101,7 @@ def layer_layouts(config: AdapterConfig, num_layers: int) -> list[LayerLayout]:
 
 
 def config_from_json(text: str) -> AdapterConfig:
-    """Inverse of `edgetune.adapter_handle.config_json`."""
+    """Inverse of `edgetune.adapters.handle.config_json`."""
     try:
         data = json.loads(text)
         data["branches"] = tuple(data["branches"])
@@ -170,7 +170,7 @@ def graph_tensors(
 
 def layout_id(fingerprint: str, config: AdapterConfig, n_classes: int, layout: str) -> int:
     """31-bit id of what an adapter file must fit: backbone, adapter config, classes, layout."""
-    from edgetune.adapter_handle import config_json
+    from edgetune.adapters.handle import config_json
 
     key = f"{fingerprint}|{config_json(config)}|{n_classes}|{layout}"
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
@@ -267,7 +267,7 @@ def load_adapted(
     backbone: str | Backbone, adapter_path: str | Path
 ) -> tuple[Backbone, nn.Module, AdapterHandle]:
     """(backbone, task model in eval mode, handle) with the adapter file loaded, fp32."""
-    from edgetune.heads import build_task_model
+    from edgetune.models.heads import build_task_model
 
     tensors, meta = read_adapter_file(adapter_path)
     if isinstance(backbone, str):
@@ -399,7 +399,7 @@ def quantize_int4(
 
 
 def _manifest(backbone: Backbone, config: AdapterConfig, tensors, labels, layout, int4) -> dict:
-    from edgetune.adapter_handle import config_json
+    from edgetune.adapters.handle import config_json
 
     spec, n_classes = backbone.spec, int(tensors[HEAD[0]].shape[0])
     labels = list(labels) if labels else [f"class{i}" for i in range(n_classes)]
@@ -453,7 +453,7 @@ def export_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(out / MODEL_FILE))
-    from edgetune.infer import write_ort_adapter  # infer imports this module at load
+    from edgetune.onnx.infer import write_ort_adapter  # infer imports this module at load
 
     adapter_file = write_ort_adapter(out / ADAPTER_FILE, tensors, manifest)
     if backbone.tokenizer is not None:
@@ -465,7 +465,7 @@ def export_model(
 # -- CLI ---------------------------------------------------------------------------------------
 def _cmd_export(args: argparse.Namespace) -> int:
     if args.into is not None:
-        from edgetune.infer import convert_adapter
+        from edgetune.onnx.infer import convert_adapter
 
         out = args.into / (Path(args.adapter).stem + ".onnx_adapter")
         print(f"adapter for {args.into}: {convert_adapter(args.adapter, args.into, out)}")

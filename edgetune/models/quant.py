@@ -10,7 +10,7 @@ bitsandbytes can import and still fail at its first kernel (Jetson), so `resolve
 checked against fp32. A failing mode falls back nf4 -> int8 -> none (fp4 -> int8 -> none) with
 one warning, or raises `ZooError` under `strict=True`. Probe results are cached per process.
 
-Memory accounting (`weight_bytes`, `step_memory`, ...) lives in `edgetune.quant_memory`.
+Memory accounting (`weight_bytes`, `step_memory`, ...) lives in `edgetune.measure.memory`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 from edgetune.errors import ZooError
 
 if TYPE_CHECKING:
-    from edgetune.zoo import Backbone
+    from edgetune.models.zoo import Backbone
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`edgetune simulate`: a real server and N real client processes on loopback, R rounds.
 
 The harness starts `python -m edgetune.server` on a free loopback port with a fresh state dir,
-spawns one `python -m edgetune.client` process per simulated client (each with one torch
+spawns one `python -m edgetune.client.runtime` process per simulated client (each with one torch
 thread, so six clients share two cores fairly), and evaluates the server's models itself: after
 every aggregated version it downloads the global and family tensors (as an extra registered
 client of each family that never uploads) and measures test accuracy on the shared test split.
@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgetune.config import SERVER_STRATEGY, SimConfig
+from edgetune.config.run import SERVER_STRATEGY, SimConfig
 from edgetune.errors import EdgeTuneError
-from edgetune.sim_eval import FamilyEvaluator
-from edgetune.sim_report import RoundTable, write_plots
+from edgetune.sim.evaluator import FamilyEvaluator
+from edgetune.sim.report import RoundTable, write_plots
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Simulation:
             cmd = [
                 sys.executable,
                 "-m",
-                "edgetune.client_cli",
+                "edgetune.client",
                 "--settings",
                 str(folder / "settings.json"),
                 "--result",
