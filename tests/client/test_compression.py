@@ -139,7 +139,7 @@ def test_int8_update_metadata_round_trip() -> None:
 def test_bad_bundles_metadata_is_rejected(bad: str) -> None:
     spec = _spec()
     md = UpdateMeta("fam", 1, spec.spec_hash, spec.fingerprint, 5).to_metadata()
-    md["edgetune.protocol.core"] = "1"
+    md["edgetune.protocol"] = "1"
     md["edgetune.bundles"] = bad
     with pytest.raises(ProtocolError) as err:
         UpdateMeta.from_metadata(md)
