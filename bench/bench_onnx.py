@@ -31,10 +31,10 @@ import torch
 from benchinfo import machine_info
 
 from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
-from edgetune.onnx.export import MODEL_FILE, export_model, load_adapted
 from edgetune.models.heads import build_task_model
-from edgetune.onnx.infer import OnnxClassifier
 from edgetune.models.zoo import load_backbone
+from edgetune.onnx.export import MODEL_FILE, export_model, load_adapted
+from edgetune.onnx.infer import OnnxClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 MINE = ["edgetune/export.py", "edgetune/infer.py", "bench/bench_onnx.py"]

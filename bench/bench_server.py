@@ -32,13 +32,13 @@ from typing import Any
 import httpx
 import torch
 from benchinfo import machine_info
-from edgetune.strategies.aggregation import ClientUpdate, fedadapter
 from edgetune.server.config import ServerConfig
 from edgetune.server.rounds import Coordinator
 from edgetune.server.storage import Storage
-from edgetune.strategies.base import GLOBAL, make_strategy
 
-from edgetune.protocol.core import AdapterSpec, encode_update, initial_tensors
+from edgetune.protocol import AdapterSpec, encode_update, initial_tensors
+from edgetune.strategies.aggregation import ClientUpdate, fedadapter
+from edgetune.strategies.base import GLOBAL, make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 JOIN = "bench-join-token-0123456789abcdef"

@@ -18,11 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import edgetune
-from edgetune.protocol.core import PROTOCOL_VERSION
+from edgetune.protocol import PROTOCOL_VERSION
+from edgetune.strategies.base import GLOBAL, family_model
 
 from .rounds import Coordinator
 from .storage import ClientRecord
-from edgetune.strategies.base import GLOBAL, family_model
 from .validation import ApiError
 
 OCTET = "application/octet-stream"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
-from edgetune.protocol.core import (
+from edgetune.protocol import (
     META_FAMILY,
     META_KIND,
     META_ROUND,
@@ -30,11 +30,11 @@ from edgetune.protocol.core import (
     encode_payload,
     initial_tensors,
 )
-
 from edgetune.strategies.aggregation import TensorDict
+from edgetune.strategies.base import GLOBAL, Strategy, family_model
+
 from .config import ServerConfig
 from .storage import ClientRecord, Storage
-from edgetune.strategies.base import GLOBAL, Strategy, family_model
 from .validation import ApiError
 
 log = logging.getLogger("edgetune.server")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from edgetune.protocol.core import (
+from edgetune.protocol import (
     META_COMPRESSION,
     AdapterSpec,
     ProtocolError,
@@ -27,12 +27,12 @@ from edgetune.protocol.core import (
     decode_payload,
     decompress_tensors,
 )
-
 from edgetune.strategies.aggregation import ClientUpdate, TensorDict
+from edgetune.strategies.base import GLOBAL, Strategy, family_model, make_strategy
+
 from .config import ServerConfig
 from .registry import Registry, hash_token, log, log_event
 from .storage import ClientRecord, RoundRecord, Storage, UpdateRecord, bump_counter, sha256_hex
-from edgetune.strategies.base import GLOBAL, Strategy, family_model, make_strategy
 from .validation import ApiError, validate_update
 
 ACCEPTING = ("open", "collecting")

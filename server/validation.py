@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from edgetune.protocol.core import (
+from edgetune.protocol import (
     COMPRESSION_INT8,
     DTYPE_NAMES,
     GROUP_PRIVATE,

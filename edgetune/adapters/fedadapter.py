@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from edgetune import kernels
 from edgetune.adapters.handle import AdapterHandle
 from edgetune.errors import ConfigError
-from edgetune.protocol.core import anchor_layers
 from edgetune.models.zoo import BackboneSpec
+from edgetune.protocol import anchor_layers
 
 BRANCHES = ("global", "family", "private")
 GATES = ("layer", "token")

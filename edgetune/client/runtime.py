@@ -22,24 +22,33 @@ import numpy as np
 import torch
 
 from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
-from edgetune.protocol.compression import ErrorFeedback, bundles_to_send, compress_update, select_bundles
+from edgetune.adapters.lora import LoraConfig, apply_lora
+from edgetune.client.trainer import (
+    EncodedSplit,
+    TrainConfig,
+    evaluate,
+    measure_step_flops,
+    train_local,
+)
+from edgetune.client.transport import ServerClient, ServerError
 from edgetune.data.datasets import Dataset, Split, load_dataset
+from edgetune.data.partition import dirichlet_partition
 from edgetune.errors import ConfigError
 from edgetune.models.heads import build_task_model
-from edgetune.adapters.lora import LoraConfig, apply_lora
-from edgetune.data.partition import dirichlet_partition
-from edgetune.protocol.core import (
+from edgetune.models.zoo import load_backbone
+from edgetune.protocol import (
     KIND_FEDADAPTER,
     KIND_LORA,
     META_ROUND,
     AdapterSpec,
+    ErrorFeedback,
     UpdateMeta,
+    bundles_to_send,
+    compress_update,
     first_block_of,
     initial_tensors,
+    select_bundles,
 )
-from edgetune.client.trainer import EncodedSplit, TrainConfig, evaluate, measure_step_flops, train_local
-from edgetune.client.transport import ServerClient, ServerError
-from edgetune.models.zoo import load_backbone
 
 log = logging.getLogger(__name__)
 KINDS = ("fedadapter", "fedavg-lora", "hetlora", "flexlora", "flora", "local")

@@ -19,7 +19,7 @@ import httpx
 import torch
 
 from edgetune.errors import EdgeTuneError
-from edgetune.protocol.core import AdapterSpec, UpdateMeta, decode_payload, encode_payload
+from edgetune.protocol import AdapterSpec, UpdateMeta, decode_payload, encode_payload
 
 log = logging.getLogger(__name__)
 

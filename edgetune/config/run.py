@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.adapters.fedadapter import AdapterConfig
-from edgetune.errors import ConfigError
 from edgetune.adapters.lora import LoraConfig
 from edgetune.client.trainer import TrainConfig
+from edgetune.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -32,12 +32,12 @@ import torch
 from torch import Tensor, nn
 
 from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
-from edgetune.protocol.compression import ErrorFeedback, compress_update
+from edgetune.adapters.lora import LoraConfig, apply_lora
 from edgetune.errors import ConfigError
 from edgetune.measure.flops import flop_counter
 from edgetune.models.heads import build_task_model
-from edgetune.adapters.lora import LoraConfig, apply_lora
-from edgetune.protocol.core import (
+from edgetune.models.zoo import Backbone, load_backbone
+from edgetune.protocol import (
     BUNDLE_GLOBAL,
     COMPRESSION_NONE,
     COMPRESSIONS,
@@ -50,12 +50,13 @@ from edgetune.protocol.core import (
     PAYLOAD_FAMILY,
     PAYLOAD_GLOBAL,
     AdapterSpec,
+    ErrorFeedback,
     UpdateMeta,
+    compress_update,
     encode_payload,
     first_block_of,
     initial_tensors,
 )
-from edgetune.models.zoo import Backbone, load_backbone
 
 ADAPTERS = ("fedadapter", "lora", "full")
 #: The metric keys (with typical values) a client reports in every update's metadata.

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgetune import kernels
-from edgetune.adapters.handle import META_CONFIG, META_FAMILY, META_FINGERPRINT
 from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
+from edgetune.adapters.handle import META_CONFIG, META_FAMILY, META_FINGERPRINT
 from edgetune.errors import ConfigError
 from edgetune.models.zoo import Backbone, load_backbone
 

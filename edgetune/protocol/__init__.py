@@ -1,1 +1,101 @@
-"""edgetune.protocol."""
+"""edgetune.protocol: the wire contract both sides import (it imports neither side).
+
+Rooms: `names` (tensor wire names, groups, bundles, metadata keys, modes; torch-free), `spec`
+(AdapterSpec and the upload schema; torch-free), `codec` (safetensors payloads), `update`
+(update metadata), `compression` (int8 codec, error feedback, bundle selection) and `initial`
+(round-0 tensors). Names load on first use, so the torch-free facts cost no torch import.
+
+HTTP flow (all under ``/v1``; errors are JSON ``{"error": code, "detail": message, ...}``):
+
+1. ``POST /v1/register`` with ``Authorization: Bearer <join token>`` and JSON
+   ``{"spec": AdapterSpec.to_dict(), "tier": "nf4"}`` -> 201 ``{"client_id", "token", ...}``.
+   The first spec of a family is pinned; a different one is 409 ``spec_mismatch``.
+2. ``GET /v1/rounds/current`` (``Authorization: Bearer <client token>``) -> round number,
+   state, deadline, ``accepting``, ``downloads`` and the ``upload`` path.
+3. ``GET /v1/global`` and ``GET /v1/families/<family>`` -> safetensors (header
+   ``X-EdgeTune-Version``: the round that produced it, 0 = initial). ``?version=N`` returns the
+   model as it was after round N.
+4. ``PUT /v1/rounds/<round>/updates/<client_id>`` with body ``encode_update(...)`` -> 201; an
+   identical retry -> 200; a different second upload -> 409 ``duplicate_upload``; a closed or
+   other round -> 409 ``round_closed``. Global tensors are ``trained - downloaded`` deltas,
+   family and LoRA tensors values. Optional knobs in the metadata: ``edgetune.bundles =
+   "global"`` (a partial FedAdapter update) and ``edgetune.compression = "int8"`` (every tensor
+   as I8 plus ``<name>.__scale__``).
+5. ``GET /v1/status`` (join or client token), ``GET /v1/health``, ``GET /v1/openapi.json``.
+"""
+
+from edgetune._lazy import lazy_face
+
+__getattr__, __dir__, __all__ = lazy_face(
+    __name__,
+    {
+        "names": (
+            "API_PREFIX",
+            "BRANCHES",
+            "BUNDLE_FAMILY",
+            "BUNDLE_GLOBAL",
+            "COMPRESSIONS",
+            "COMPRESSION_INT8",
+            "COMPRESSION_NONE",
+            "DTYPE_NAMES",
+            "GATES",
+            "GATE_LEAF",
+            "GROUPS",
+            "GROUP_FAMILY",
+            "GROUP_GLOBAL",
+            "GROUP_HEAD",
+            "GROUP_LORA",
+            "GROUP_PRIVATE",
+            "HEAD_BIAS",
+            "HEAD_NAMES",
+            "HEAD_WEIGHT",
+            "KINDS",
+            "KIND_FEDADAPTER",
+            "KIND_LORA",
+            "META_ADAPTER_CONFIG",
+            "META_BUNDLES",
+            "META_COMPRESSION",
+            "META_FAMILY",
+            "META_FINGERPRINT",
+            "META_GROUPS",
+            "META_KIND",
+            "META_METRICS",
+            "META_ROUND",
+            "META_SPEC",
+            "META_SPEC_HASH",
+            "PAYLOAD_FAMILY",
+            "PAYLOAD_GLOBAL",
+            "PROTOCOL_VERSION",
+            "QUANT_MODES",
+            "SCALE_SUFFIX",
+            "UPDATE_ENCODING",
+            "anchor_blocks",
+            "anchor_layers",
+            "branch_prefix",
+            "family_name",
+            "global_name",
+            "group_of",
+            "head_name",
+            "in_group",
+            "layer_leaf_shapes",
+            "lora_name",
+            "private_name",
+        ),
+        "spec": ("AdapterSpec", "ProtocolError", "TensorSpec", "first_block_of"),
+        "codec": ("Payload", "TensorEntry", "decode_payload", "encode_payload", "parse_header"),
+        "update": ("UpdateMeta", "encode_update"),
+        "compression": (
+            "ErrorFeedback",
+            "bundles_to_send",
+            "compress_update",
+            "decompress_tensors",
+            "dequantize_int8",
+            "family_due",
+            "int8_wire_schema",
+            "quantize_int8",
+            "select_bundles",
+            "wire_group",
+        ),
+        "initial": ("family_seed", "initial_tensors"),
+    },
+)

@@ -1,4 +1,4 @@
-"""Client-side communication knobs: int8 updates with error feedback, and a family-bundle period.
+"""Update compression: the int8 codec (both sides), error feedback and the family-bundle period.
 
 int8 (protocol ``compression="int8"``): every tensor ``<name>`` of an update travels as int8
 ``q`` plus a float32 scale ``<name>.__scale__`` ([1]); the server reads ``q * scale``
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from edgetune.errors import ConfigError
-from edgetune.protocol.core import (
+from edgetune.protocol.names import (
     BUNDLE_FAMILY,
     BUNDLE_GLOBAL,
     COMPRESSION_INT8,
@@ -39,12 +39,65 @@ from edgetune.protocol.core import (
     COMPRESSIONS,
     GROUP_GLOBAL,
     SCALE_SUFFIX,
-    AdapterSpec,
-    dequantize_int8,
-    quantize_int8,
 )
+from edgetune.protocol.spec import AdapterSpec, ProtocolError, TensorSpec
+
+INT8_MAX = 127
 
 
+# -- int8 codec (symmetric, one float32 scale per tensor) --------------------------------------
+def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``q = round(t / scale)`` in [-127, 127], ``scale = max|t| / 127``.
+
+    A tensor of zeros gets scale 0. Every element's error ``|q * scale - t|`` is at most
+    ``scale / 2``. ``t`` must be finite.
+    """
+    x = t.detach().to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ProtocolError("non_finite", "cannot quantize a tensor with NaN or inf values")
+    amax = float(x.abs().max()) if x.numel() else 0.0
+    scale = torch.tensor([amax / INT8_MAX], dtype=torch.float32)
+    if amax == 0.0:
+        return torch.zeros(x.shape, dtype=torch.int8), scale
+    q = torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.to(torch.float32) * scale.to(torch.float32)
+
+
+def int8_wire_schema(
+    expected: Mapping[str, TensorSpec],
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (safetensors dtype, shape) of an int8-compressed upload of ``expected``."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, t in expected.items():
+        out[name] = ("I8", t.shape)
+        out[name + SCALE_SUFFIX] = ("F32", (1,))
+    return out
+
+
+def decompress_tensors(
+    tensors: Mapping[str, torch.Tensor], compression: str
+) -> dict[str, torch.Tensor]:
+    """Wire tensors -> float32 values (``int8``: ``q * scale`` for every ``<name>``)."""
+    if compression == COMPRESSION_NONE:
+        return dict(tensors)
+    if compression != COMPRESSION_INT8:
+        raise ProtocolError("unsupported_compression", f"compression {compression!r}")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = tensors.get(name + SCALE_SUFFIX)
+        if scale is None or t.dtype != torch.int8:
+            raise ProtocolError("bad_compression", f"{name!r} is not an int8 tensor with a scale")
+        out[name] = dequantize_int8(t, scale)
+    return out
+
+
+# -- error feedback and bundle selection (client side) ---------------------------------------
 class ErrorFeedback:
     """Per-tensor residuals of int8 compression, held by the client across rounds.
 

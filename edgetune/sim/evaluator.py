@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from edgetune.client.runtime import ClientRuntime, ClientSettings, ShardSpec
-from edgetune.config.run import SimConfig
 from edgetune.adapters.lora import LoraConfig
-from edgetune.protocol.core import initial_tensors
+from edgetune.client.runtime import ClientRuntime, ClientSettings, ShardSpec
 from edgetune.client.trainer import EncodedSplit, TrainConfig, evaluate
+from edgetune.config.run import SimConfig
 from edgetune.models.zoo import load_backbone
+from edgetune.protocol import initial_tensors
 
 log = logging.getLogger(__name__)
 

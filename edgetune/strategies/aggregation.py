@@ -300,3 +300,25 @@ def flora(updates: Sequence[ClientUpdate]) -> TensorDict:
         out[f"lora.{mod}.A"] = a.to(dtype)
     out.update(_non_lora_average(updates))
     return out
+
+
+def truncate_lora(tensors: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Fit LoRA factors to ``rank``: slice (A[:rank], B[:, :rank]) or zero-pad when smaller.
+
+    Other tensors pass through unchanged.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        is_a = name.startswith("lora.") and name.endswith(".A")
+        is_b = name.startswith("lora.") and name.endswith(".B")
+        if not (is_a or is_b):
+            out[name] = t
+            continue
+        dim = 0 if is_a else 1
+        fitted = t.narrow(dim, 0, min(rank, t.shape[dim]))
+        if fitted.shape[dim] < rank:
+            shape = list(t.shape)
+            shape[dim] = rank - fitted.shape[dim]
+            fitted = torch.cat([fitted, t.new_zeros(shape)], dim=dim)
+        out[name] = fitted.contiguous()
+    return out

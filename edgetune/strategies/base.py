@@ -16,16 +16,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from edgetune.protocol.core import (
+from edgetune.protocol import (
     KIND_FEDADAPTER,
     KIND_LORA,
     UPDATE_ENCODING,
     AdapterSpec,
-    truncate_lora,
 )
-
 from edgetune.strategies import aggregation as agg
-from edgetune.strategies.aggregation import ClientUpdate, TensorDict
+from edgetune.strategies.aggregation import ClientUpdate, TensorDict, truncate_lora
 
 log = logging.getLogger("edgetune.server")
 

@@ -5,25 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgetune.protocol.compression import (
-    ErrorFeedback,
-    bundles_to_send,
-    compress_update,
-    family_due,
-    select_bundles,
-    wire_group,
-)
 from edgetune.errors import ConfigError
-from edgetune.protocol.core import (
+from edgetune.protocol import (
     SCALE_SUFFIX,
     AdapterSpec,
+    ErrorFeedback,
     ProtocolError,
     UpdateMeta,
+    bundles_to_send,
+    compress_update,
     decode_payload,
     decompress_tensors,
     dequantize_int8,
     encode_update,
+    family_due,
     quantize_int8,
+    select_bundles,
+    wire_group,
 )
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from edgetune.data.datasets import load_dataset, load_fortunes
-from edgetune.errors import DataError
 from edgetune.data.partition import dirichlet_partition, label_skew, partition_summary
+from edgetune.errors import DataError
 
 
 def test_fortunes_is_deduplicated_and_split_deterministically():

@@ -20,9 +20,9 @@ import torch
 
 from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
 from edgetune.errors import ConfigError
+from edgetune.models.heads import build_task_model
 from edgetune.onnx.export import ADAPTER_FILE, MODEL_FILE, export_model, graph_tensors
 from edgetune.onnx.export import register_cli as register_export
-from edgetune.models.heads import build_task_model
 from edgetune.onnx.infer import OnnxClassifier, convert_adapter
 from edgetune.onnx.infer import register_cli as register_infer
 

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from edgetune.errors import ConfigError
 from edgetune.adapters.lora import LoraConfig, apply_lora
+from edgetune.errors import ConfigError
 
 
 def test_lora_matches_peft_on_minilm_l6(minilm_l6):

@@ -15,7 +15,7 @@ from edgetune.measure.profile import (
     register_cli,
     update_bytes,
 )
-from edgetune.protocol.core import initial_tensors
+from edgetune.protocol import initial_tensors
 
 
 # Hand formulas of the fused adapter (DESIGN section 3), written out here rather than imported
@@ -154,7 +154,7 @@ def test_adapters_from_block_1_cut_backward_and_travel_on_the_wire() -> None:
 
 
 def test_first_block_keeps_old_spec_hashes() -> None:
-    from edgetune.protocol.core import AdapterSpec, ProtocolError
+    from edgetune.protocol import AdapterSpec, ProtocolError
 
     spec = AdapterSpec("fam", "fp", d_model=8, n_layers=3, rank=4)
     assert "first_block" not in spec.to_dict()

@@ -6,9 +6,9 @@ from collections import Counter
 import pytest
 import torch
 
+from edgetune.errors import ZooError
 from edgetune.measure import memory as quant_memory
 from edgetune.models import quant
-from edgetune.errors import ZooError
 from edgetune.models.zoo import embed_texts, load_backbone, weights_fingerprint
 
 SENTENCES = [

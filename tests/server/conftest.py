@@ -20,7 +20,7 @@ from edgetune.server.config import ServerConfig
 from edgetune.server.rounds import Coordinator
 from edgetune.server.storage import Storage
 
-from edgetune.protocol.core import AdapterSpec, decode_payload, encode_update
+from edgetune.protocol import AdapterSpec, decode_payload, encode_update
 
 JOIN_TOKEN = "test-join-token-0123456789abcdef"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from edgetune.strategies.aggregation import (
     ClientUpdate,
     balanced_weights,
@@ -14,10 +15,9 @@ from edgetune.strategies.aggregation import (
     flora,
     hetlora,
     project_conflicts,
+    truncate_lora,
     weighted_average,
 )
-
-from edgetune.protocol.core import truncate_lora
 
 
 def upd(cid: str, fam: str, n: int, **tensors: list[float]) -> ClientUpdate:

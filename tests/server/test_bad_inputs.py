@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from edgetune.protocol.core import (
+from edgetune.protocol import (
     META_COMPRESSION,
     META_METRICS,
     META_ROUND,

@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgetune.protocol.compression import ErrorFeedback, compress_update
+from edgetune.client.transport import ServerClient
 from edgetune.measure.profile import CLIENT_METRICS, profile_backbone
-from edgetune.protocol.core import (
+from edgetune.protocol import (
     SCALE_SUFFIX,
     AdapterSpec,
+    ErrorFeedback,
     UpdateMeta,
+    compress_update,
     decompress_tensors,
     encode_update,
     initial_tensors,
 )
-from edgetune.client.transport import ServerClient
 
 from .conftest import JOIN_TOKEN, ApiClient, random_update, small_spec, wait_for_round
 
@@ -179,7 +180,7 @@ def test_bytes_match_what_the_client_sends_and_receives(live_server) -> None:
 def _upload(
     client: ServerClient, path: str, tensors: dict, spec, compression: str, bundles=None
 ) -> None:
-    from edgetune.protocol.compression import ErrorFeedback, compress_update
+    from edgetune.protocol import ErrorFeedback, compress_update
 
     wire, tag = compress_update(tensors, ErrorFeedback() if compression != "none" else None,
                                 compression)  # fmt: skip

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import httpx
 import torch
-from edgetune.strategies.aggregation import ClientUpdate, fedadapter
 
-from edgetune.protocol.core import decode_payload
+from edgetune.protocol import decode_payload
+from edgetune.strategies.aggregation import ClientUpdate, fedadapter
 
 from .conftest import JOIN_TOKEN, ApiClient, random_update, small_spec, wait_for_round
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+
 from edgetune.strategies.aggregation import ClientUpdate, fedadapter
 
 from .conftest import JOIN_TOKEN, ApiClient, random_update, small_spec, wait_for_round

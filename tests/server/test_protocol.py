@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from edgetune.protocol.core import (
+from edgetune.protocol import (
     AdapterSpec,
     ProtocolError,
     UpdateMeta,
@@ -32,8 +32,10 @@ def test_anchor_layers() -> None:
     assert anchor_layers(6, 2) == [2, 5]
     assert anchor_layers(3, 2) == [1, 2]  # round_half_up(1.5) - 1 = 1
     assert anchor_layers(12, 3) == [3, 7, 11]
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ValueError, match="n_anchors=3 must be in 1..n_layers=2"):
         anchor_layers(2, 3)
+    with pytest.raises(ProtocolError, match="n_anchors=3"):  # a spec names the code too
+        minilm_spec(n_layers=2, n_anchors=3)
 
 
 def test_spec_schema_names_and_shapes() -> None:

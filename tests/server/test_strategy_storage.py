@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from edgetune.strategies.aggregation import ClientUpdate
 from edgetune.server.storage import BlobStore, Storage
-from edgetune.strategies.base import GLOBAL, family_model, make_strategy
 
-from edgetune.protocol.core import initial_tensors
+from edgetune.protocol import initial_tensors
+from edgetune.strategies.aggregation import ClientUpdate
+from edgetune.strategies.base import GLOBAL, family_model, make_strategy
 
 from .conftest import random_update, small_spec
 
@@ -97,7 +97,7 @@ def test_round_interrupted_while_aggregating_is_aggregated_on_restart(tmp_path: 
     from edgetune.server.config import ServerConfig
     from edgetune.server.rounds import Coordinator
 
-    from edgetune.protocol.core import encode_update
+    from edgetune.protocol import encode_update
 
     from .conftest import JOIN_TOKEN
 

@@ -1,0 +1,182 @@
+"""The shared vocabulary of EdgeTune: tensor wire names, groups, bundles, metadata keys, modes.
+
+Every side (client runtime, server, export, profile, config) imports these facts from here and
+nowhere else. This module imports nothing but the standard library (no torch), so
+`edgetune.config` and the server's validation can use it freely.
+
+FedAdapter wire names (K anchors, adapted blocks l, rank r, width d)::
+
+    global.anchor{k}.C        [r, r]     k = 1..K   (identical across families)
+    global.anchor{k}.q        [r]
+    family.layer{l}.D         [d, r]
+    family.layer{l}.b_D       [r]
+    family.layer{l}.C         [r, r]
+    family.layer{l}.q         [r]
+    family.layer{l}.U         [r, d]
+    family.layer{l}.b_U       [d]
+    family.layer{l}.alpha_logits [n_b(l)]     gate = "layer"
+    family.layer{l}.W_alpha      [r, n_b(l)]  gate = "token"
+    family.head.weight        [n_classes, d]
+    family.head.bias          [n_classes]
+    private.layer{l}.C / .q   never leave the client
+
+LoRA baselines: ``lora.{module}.A`` [rank, d_in], ``lora.{module}.B`` [d_out, rank] and the head.
+"""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+API_PREFIX = "/v1"
+
+# -- tensor groups ----------------------------------------------------------------------------
+GROUP_GLOBAL = "global"
+GROUP_FAMILY = "family"
+GROUP_PRIVATE = "private"
+GROUP_LORA = "lora"
+GROUP_HEAD = "head"  # the family.head.* subset of the family group
+UPLOAD_GROUPS = (GROUP_GLOBAL, GROUP_FAMILY, GROUP_LORA)
+#: Every group an adapter handle can name.
+GROUPS = (GROUP_GLOBAL, GROUP_FAMILY, GROUP_PRIVATE, GROUP_HEAD, GROUP_LORA)
+
+#: FedAdapter branches in their fixed order (the fused op stacks them in this order).
+BRANCHES = (GROUP_GLOBAL, GROUP_FAMILY, GROUP_PRIVATE)
+GATES = ("layer", "token")
+GATE_LEAF = {"layer": "alpha_logits", "token": "W_alpha"}
+
+# -- adapter kinds (what a client trains) and backbone quantization tiers ---------------------
+KIND_FEDADAPTER = "fedadapter"
+KIND_LORA = "lora"
+KINDS = (KIND_FEDADAPTER, KIND_LORA)
+QUANT_NONE = "none"
+QUANT_MODES = (QUANT_NONE, "int8", "nf4", "fp4")
+
+# -- metadata keys of a safetensors header (all values are strings) ----------------------------
+META_PROTOCOL = "edgetune.protocol"
+META_KIND = "edgetune.kind"  # "update" | "global" | "family"
+META_FAMILY = "edgetune.family"
+META_ROUND = "edgetune.round"
+META_SPEC = "edgetune.spec"  # canonical JSON of the AdapterSpec
+META_SPEC_HASH = "edgetune.spec_hash"
+META_FINGERPRINT = "edgetune.fingerprint"
+META_DTYPE = "edgetune.dtype"
+META_COMPRESSION = "edgetune.compression"
+META_ENCODING = "edgetune.encoding"
+META_NUM_SAMPLES = "edgetune.num_samples"
+META_METRICS = "edgetune.metrics"  # JSON object of metric name -> finite number
+META_BUNDLES = "edgetune.bundles"  # optional: comma-separated bundles sent (default: all)
+# Adapter files a client saves (``AdapterHandle.save``):
+META_ADAPTER_CONFIG = "edgetune.adapter_config"
+META_GROUPS = "edgetune.groups"
+
+PAYLOAD_UPDATE = "update"
+PAYLOAD_GLOBAL = "global"
+PAYLOAD_FAMILY = "family"
+
+#: What each group of an upload carries: deltas for the global branch, values otherwise.
+UPDATE_ENCODING = "global=delta;family=value;lora=value"
+COMPRESSION_NONE = "none"
+COMPRESSION_INT8 = "int8"
+COMPRESSIONS = (COMPRESSION_NONE, COMPRESSION_INT8)
+#: With ``compression="int8"`` every tensor ``<name>`` travels as I8 plus ``<name>.__scale__``.
+SCALE_SUFFIX = ".__scale__"
+
+#: Upload bundles: the global branch (FedAdapter only) and the family bundle (everything else).
+BUNDLE_GLOBAL = "global"
+BUNDLE_FAMILY = "family"
+
+#: dtype name of a spec -> safetensors dtype tag.
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+HEAD_WEIGHT = "family.head.weight"
+HEAD_BIAS = "family.head.bias"
+HEAD_NAMES = (HEAD_WEIGHT, HEAD_BIAS)
+
+
+# -- wire names ---------------------------------------------------------------------------------
+def global_name(anchor: int, leaf: str) -> str:
+    """``global.anchor{k}.{leaf}`` (anchors count from 1)."""
+    return f"{GROUP_GLOBAL}.anchor{anchor}.{leaf}"
+
+
+def family_name(block: int, leaf: str) -> str:
+    """``family.layer{l}.{leaf}``: D, b_D, C, q, U, b_U, alpha_logits or W_alpha."""
+    return f"{GROUP_FAMILY}.layer{block}.{leaf}"
+
+
+def private_name(block: int, leaf: str) -> str:
+    """``private.layer{l}.{leaf}``: C or q, never uploaded."""
+    return f"{GROUP_PRIVATE}.layer{block}.{leaf}"
+
+
+def head_name(leaf: str) -> str:
+    return f"{GROUP_FAMILY}.head.{leaf}"
+
+
+def lora_name(module: str, leaf: str) -> str:
+    """``lora.{module}.A`` or ``.B``."""
+    return f"{GROUP_LORA}.{module}.{leaf}"
+
+
+def branch_prefix(branch: str, block: int, anchor: int | None) -> str:
+    """Where branch ``branch`` of block ``block`` keeps its C and q (anchor: 1-based or None)."""
+    if branch == GROUP_GLOBAL:
+        if anchor is None:
+            raise ValueError(f"block {block} holds no global slot")
+        return f"{GROUP_GLOBAL}.anchor{anchor}"
+    if branch not in BRANCHES:
+        raise ValueError(f"unknown branch {branch!r}; branches are {BRANCHES}")
+    return f"{branch}.layer{block}"
+
+
+def group_of(name: str) -> str:
+    """The finest group of a wire name (``head`` for ``family.head.*``)."""
+    return GROUP_HEAD if name.startswith(f"{GROUP_FAMILY}.head.") else name.split(".", 1)[0]
+
+
+def in_group(name: str, group: str) -> bool:
+    """True when ``name`` belongs to ``group`` (the family group includes the head)."""
+    finest = group_of(name)
+    return finest == group or (group == GROUP_FAMILY and finest == GROUP_HEAD)
+
+
+def is_lora_factor(name: str, leaf: str) -> bool:
+    """True for ``lora.<module>.<leaf>`` (leaf ``A`` or ``B``)."""
+    return name.startswith(f"{GROUP_LORA}.") and name.endswith(f".{leaf}")
+
+
+# -- anchor placement -----------------------------------------------------------------------------
+def anchor_layers(n_layers: int, n_anchors: int) -> list[int]:
+    """Index of each global anchor among ``n_layers`` adapted blocks: ``round_half_up(k n / K) - 1``.
+
+    With every block adapted this is DESIGN's ``round(k L / K) - 1`` for k = 1..K.
+    """
+    if not 1 <= n_anchors <= n_layers:
+        raise ValueError(f"n_anchors={n_anchors} must be in 1..n_layers={n_layers}")
+    return [(2 * k * n_layers + n_anchors) // (2 * n_anchors) - 1 for k in range(1, n_anchors + 1)]
+
+
+def anchor_blocks(blocks: list[int], n_anchors: int) -> list[int]:
+    """The blocks (of the adapted ``blocks``, in order) that hold the K global anchors."""
+    return [blocks[i] for i in anchor_layers(len(blocks), n_anchors)]
+
+
+# -- layouts ---------------------------------------------------------------------------------------
+def layer_leaf_shapes(d: int, r: int, n_branches: int, gate: str) -> dict[str, tuple[int, ...]]:
+    """Leaf -> shape of one adapted block's family tensors (``family.layer{l}.<leaf>``)."""
+    if gate not in GATE_LEAF:
+        raise ValueError(f"gate={gate!r} must be one of {GATES}")
+    gate_shape = (n_branches,) if gate == "layer" else (r, n_branches)
+    return {
+        "D": (d, r),
+        "b_D": (r,),
+        "C": (r, r),
+        "q": (r,),
+        "U": (r, d),
+        "b_U": (d,),
+        GATE_LEAF[gate]: gate_shape,
+    }
+
+
+def branch_leaf_shapes(r: int) -> dict[str, tuple[int, ...]]:
+    """Leaf -> shape of one branch slot (global anchor or private layer): C [r, r], q [r]."""
+    return {"C": (r, r), "q": (r,)}
