@@ -32,6 +32,7 @@ test: $(STAMP)
 check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python tools/check_layout.py
 
 format: $(STAMP)
 	$(BIN)/ruff format .
