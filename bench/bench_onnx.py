@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from benchinfo import machine_info
 
-from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
+from edgetune.config import AdapterConfig
+from edgetune.adapters.fedadapter import apply_fedadapter
 from edgetune.models.heads import build_task_model
 from edgetune.models.zoo import load_backbone
 from edgetune.onnx.export import MODEL_FILE, export_model, load_adapted

@@ -134,9 +134,9 @@ def _to_toml(config: dict[str, Any]) -> str:
 
 def comm_supported() -> bool:
     """True when `edgetune simulate` accepts the `comm.*` keys (family_every, compression)."""
-    from edgetune.config.run import SimConfig
+    from edgetune.config import RunConfig
 
-    return "comm" in SimConfig.__dataclass_fields__
+    return "comm" in RunConfig.__dataclass_fields__
 
 
 def blocks_supported() -> bool:

@@ -46,8 +46,9 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _print_adapter_counts(backbone, args: argparse.Namespace) -> int:
-    from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
-    from edgetune.adapters.lora import LoraConfig, apply_lora
+    from edgetune.adapters.fedadapter import apply_fedadapter
+    from edgetune.adapters.lora import apply_lora
+    from edgetune.config import AdapterConfig, LoraConfig
 
     if args.adapter == "lora":
         handle = apply_lora(backbone.model, backbone.spec, LoraConfig(rank=args.rank))
@@ -166,11 +167,11 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from edgetune.config.run import load_sim_config
+    from edgetune.config import load_config
     from edgetune.sim.harness import run_simulation
 
     overrides = list(args.overrides) + ([f"strategy={args.strategy}"] if args.strategy else [])
-    config = load_sim_config(args.config or DEMO_CONFIG, overrides)
+    config = load_config(args.config or DEMO_CONFIG, overrides)
     summary = run_simulation(config, args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "clients"}, indent=1))
     print(f"outputs in {args.out}/ (metrics.jsonl, summary.json, *.png)")

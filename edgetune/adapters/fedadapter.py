@@ -17,93 +17,16 @@ trainable tensors with the wire names of `edgetune.protocol.core` and can remove
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from edgetune import kernels
 from edgetune.adapters.handle import AdapterHandle
+from edgetune.config import AdapterConfig
 from edgetune.errors import ConfigError
 from edgetune.models.zoo import BackboneSpec
-from edgetune.protocol import anchor_layers
-
-BRANCHES = ("global", "family", "private")
-GATES = ("layer", "token")
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """What a client trains. `blocks`: "all", "from:N" (blocks N.. , 0-based) or a tuple."""
-
-    rank: int = 16
-    branches: tuple[str, ...] = BRANCHES
-    n_anchors: int = 2
-    gate: str = "layer"
-    scale: float = 1.0
-    blocks: str | tuple[int, ...] = "all"
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.rank, bool)
-            or not isinstance(self.rank, int)
-            or not 1 <= self.rank <= 128
-        ):
-            raise ConfigError(f"adapter.rank={self.rank!r}: must be an integer in 1..128")
-        if (
-            not self.branches
-            or len(set(self.branches)) != len(self.branches)
-            or any(b not in BRANCHES for b in self.branches)
-        ):
-            raise ConfigError(
-                f"adapter.branches={self.branches!r}: a non-empty subset of {BRANCHES}"
-            )
-        if tuple(b for b in BRANCHES if b in self.branches) != tuple(self.branches):
-            raise ConfigError(f"adapter.branches={self.branches!r}: keep the order {BRANCHES}")
-        if not isinstance(self.n_anchors, int) or self.n_anchors < ("global" in self.branches):
-            raise ConfigError(
-                f"adapter.n_anchors={self.n_anchors!r}: must be >= 1 with a global branch"
-            )
-        if self.gate not in GATES:
-            raise ConfigError(f"adapter.gate={self.gate!r}: allowed values are {GATES}")
-        if not math.isfinite(self.scale) or self.scale <= 0:
-            raise ConfigError(f"adapter.scale={self.scale!r}: must be a positive finite number")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"adapter.dropout={self.dropout!r}: must be in [0, 1)")
-        _parse_blocks(self.blocks, num_layers=None)
-
-    def adapted_blocks(self, num_layers: int) -> list[int]:
-        return _parse_blocks(self.blocks, num_layers)
-
-    def anchor_blocks(self, num_layers: int) -> list[int]:
-        """Blocks holding a global slot: anchor k of n adapted blocks is the round(k*n/K)-th."""
-        if "global" not in self.branches:
-            return []
-        adapted = self.adapted_blocks(num_layers)
-        if self.n_anchors > len(adapted):
-            raise ConfigError(
-                f"adapter.n_anchors={self.n_anchors} exceeds the {len(adapted)} adapted blocks"
-            )
-        return [adapted[i] for i in anchor_layers(len(adapted), self.n_anchors)]
-
-
-def _parse_blocks(blocks: str | tuple[int, ...], num_layers: int | None) -> list[int]:
-    if blocks == "all":
-        return list(range(num_layers or 0))
-    if isinstance(blocks, str) and blocks.startswith("from:") and blocks[5:].isdigit():
-        start = int(blocks[5:])
-        if num_layers is not None and start >= num_layers:
-            raise ConfigError(f"adapter.blocks={blocks!r}: the backbone has {num_layers} blocks")
-        return list(range(start, num_layers or 0))
-    if isinstance(blocks, (tuple, list)) and blocks and all(isinstance(b, int) for b in blocks):
-        chosen = sorted(set(blocks))
-        if chosen[0] < 0 or (num_layers is not None and chosen[-1] >= num_layers):
-            raise ConfigError(
-                f"adapter.blocks={blocks!r}: indices must be in 0..{(num_layers or 1) - 1}"
-            )
-        return chosen
-    raise ConfigError(f"adapter.blocks={blocks!r}: use 'all', 'from:N' or a list of block indices")
+from edgetune.protocol import GROUP_GLOBAL
 
 
 class FedAdapterLayer(nn.Module):
@@ -224,7 +147,7 @@ def apply_fedadapter(
         # projections would average towards zero): the seed derives from the fingerprint.
         torch.manual_seed(int(spec.fingerprint[:8], 16) if seed is None else seed)
         for block in blocks:
-            branches = tuple(b for b in config.branches if b != "global" or block in anchors)
+            branches = tuple(b for b in config.branches if b != GROUP_GLOBAL or block in anchors)
             layers[block] = FedAdapterLayer(spec.hidden_size, config, branches).to(device)
     for block in blocks:
         path = spec.ffn_paths[block]

@@ -18,20 +18,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from edgetune.errors import ConfigError
-
-GROUPS = ("global", "family", "private", "head", "lora")
-META_CONFIG = "edgetune.adapter_config"
-META_FINGERPRINT = "edgetune.fingerprint"
-META_FAMILY = "edgetune.family"
-
-
-def group_of(name: str) -> str:
-    """The finest group of a tensor name (`head` for `family.head.*`)."""
-    return "head" if name.startswith("family.head.") else name.split(".", 1)[0]
-
-
-def in_group(name: str, group: str) -> bool:
-    return group_of(name) == group or (group == "family" and group_of(name) == "head")
+from edgetune.protocol import (
+    GATE_LEAF,
+    GROUP_FAMILY,
+    GROUP_GLOBAL,
+    GROUP_PRIVATE,
+    GROUPS,
+    META_ADAPTER_CONFIG,
+    META_FAMILY,
+    META_FINGERPRINT,
+    META_GROUPS,
+    family_name,
+    global_name,
+    head_name,
+    in_group,
+    private_name,
+)
 
 
 class AdapterHandle:
@@ -59,21 +61,22 @@ class AdapterHandle:
     def _name_tensors(self) -> dict[str, nn.Parameter]:
         named: dict[str, nn.Parameter] = {}
         for k, block in enumerate(self.anchors, start=1):
-            named[f"global.anchor{k}.C"] = self.layers[block].C["global"]
-            named[f"global.anchor{k}.q"] = self.layers[block].q["global"]
+            layer = self.layers[block]
+            named[global_name(k, "C")], named[global_name(k, "q")] = (
+                layer.C[GROUP_GLOBAL],
+                layer.q[GROUP_GLOBAL],
+            )
         for block, layer in self.layers.items():
-            prefix = f"family.layer{block}."
             for leaf in ("D", "b_D"):
-                named[prefix + leaf] = getattr(layer, leaf)
-            if "family" in layer.branches:
-                named[prefix + "C"], named[prefix + "q"] = layer.C["family"], layer.q["family"]
-            for leaf in ("U", "b_U"):
-                named[prefix + leaf] = getattr(layer, leaf)
-            gate = "alpha_logits" if layer.gate == "layer" else "W_alpha"
-            named[prefix + gate] = getattr(layer, gate)
-            if "private" in layer.branches:
-                named[f"private.layer{block}.C"] = layer.C["private"]
-                named[f"private.layer{block}.q"] = layer.q["private"]
+                named[family_name(block, leaf)] = getattr(layer, leaf)
+            if GROUP_FAMILY in layer.branches:
+                named[family_name(block, "C")] = layer.C[GROUP_FAMILY]
+                named[family_name(block, "q")] = layer.q[GROUP_FAMILY]
+            for leaf in ("U", "b_U", GATE_LEAF[layer.gate]):
+                named[family_name(block, leaf)] = getattr(layer, leaf)
+            if GROUP_PRIVATE in layer.branches:
+                named[private_name(block, "C")] = layer.C[GROUP_PRIVATE]
+                named[private_name(block, "q")] = layer.q[GROUP_PRIVATE]
         return named
 
     def _head_tensors(self) -> dict[str, nn.Parameter]:
@@ -82,7 +85,7 @@ class AdapterHandle:
         if self.head is not None:
             for leaf, param in self.head.named_parameters():
                 param.requires_grad_(True)
-                named[f"family.head.{leaf}"] = param
+                named[head_name(leaf)] = param
         return named
 
     # -- views -------------------------------------------------------------------------
@@ -132,18 +135,20 @@ class AdapterHandle:
     # -- files -------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
         return {
-            META_CONFIG: config_json(self.config),
+            META_ADAPTER_CONFIG: config_json(self.config),
             META_FINGERPRINT: self.spec.fingerprint,
             META_FAMILY: self.spec.family,
         }
 
     def save(
-        self, path: str | Path, groups: tuple[str, ...] = ("global", "family", "private")
+        self,
+        path: str | Path,
+        groups: tuple[str, ...] = (GROUP_GLOBAL, GROUP_FAMILY, GROUP_PRIVATE),
     ) -> None:
         tensors: dict[str, Tensor] = {}
         for group in groups:
             tensors.update({n: t.contiguous() for n, t in self.state_dict_for(group).items()})
-        meta = {**self.metadata(), "edgetune.groups": ",".join(groups)}
+        meta = {**self.metadata(), META_GROUPS: ",".join(groups)}
         save_file(tensors, str(path), metadata=meta)
 
     def load(self, path: str | Path) -> None:
@@ -159,7 +164,7 @@ class AdapterHandle:
         for key, label in (
             (META_FAMILY, "family"),
             (META_FINGERPRINT, "backbone fingerprint"),
-            (META_CONFIG, "adapter config"),
+            (META_ADAPTER_CONFIG, "adapter config"),
         ):
             if meta.get(key) != expected[key]:
                 raise ConfigError(
@@ -167,7 +172,7 @@ class AdapterHandle:
                     f"{expected[key]!r}"
                 )
         tensors = load_file(str(path))
-        for group in meta.get("edgetune.groups", "").split(","):
+        for group in meta.get(META_GROUPS, "").split(","):
             if group:
                 self.load_group(group, {n: t for n, t in tensors.items() if in_group(n, group)})
 

@@ -9,35 +9,14 @@ model with the same A and B gives the same outputs. Tensors travel as `lora.<mod
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from edgetune.adapters.handle import AdapterHandle
+from edgetune.config import LoraConfig
 from edgetune.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ("query", "value")
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.rank, bool)
-            or not isinstance(self.rank, int)
-            or not 1 <= self.rank <= 512
-        ):
-            raise ConfigError(f"lora.rank={self.rank!r}: must be an integer in 1..512")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"lora.alpha={self.alpha!r}: must be a positive number")
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise ConfigError(f"lora.targets={self.targets!r}: a non-empty list of module names")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout={self.dropout!r}: must be in [0, 1)")
+from edgetune.protocol import lora_name
 
 
 class LoraLinear(nn.Module):
@@ -101,7 +80,7 @@ class LoraHandle(AdapterHandle):
     def _name_tensors(self) -> dict[str, nn.Parameter]:
         named: dict[str, nn.Parameter] = {}
         for path, module in self.lora_modules.items():
-            named[f"lora.{path}.A"], named[f"lora.{path}.B"] = module.A, module.B
+            named[lora_name(path, "A")], named[lora_name(path, "B")] = module.A, module.B
         return named
 
     def module_shapes(self) -> tuple[tuple[str, int, int], ...]:

@@ -12,10 +12,8 @@ from typing import Any
 
 import torch
 
-from edgetune.adapters.fedadapter import AdapterConfig
-from edgetune.adapters.lora import LoraConfig
 from edgetune.client.runtime import KINDS, ClientRuntime, ClientSettings, ShardSpec
-from edgetune.client.trainer import TrainConfig
+from edgetune.config import AdapterConfig, LoraConfig, TrainConfig
 from edgetune.errors import ConfigError, EdgeTuneError
 
 JOIN_TOKEN_ENV = "EDGETUNE_JOIN_TOKEN"

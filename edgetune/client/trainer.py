@@ -17,34 +17,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from edgetune.config import TrainConfig
 from edgetune.data.datasets import Split
 from edgetune.errors import ConfigError
 from edgetune.models.zoo import Backbone
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 1
-    batch_size: int = 16
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    max_length: int = 64
-    time_budget_s: float = 0.0  # 0: no budget
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "max_length"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"train.{key}={value!r}: must be a positive integer")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"train.lr={self.lr!r}: must be a positive number")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"train.weight_decay={self.weight_decay!r}: must be >= 0")
-        if not (math.isfinite(self.time_budget_s) and self.time_budget_s >= 0):
-            raise ConfigError(
-                f"train.time_budget_s={self.time_budget_s!r}: must be >= 0 (0 = none)"
-            )
 
 
 @dataclass

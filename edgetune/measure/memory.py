@@ -160,7 +160,8 @@ def make_train_step(
     head = nn.Linear(spec.hidden_size, 4)
     trainable = list(head.parameters())
     if adapter == "fedadapter":
-        from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
+        from edgetune.adapters.fedadapter import apply_fedadapter
+        from edgetune.config import AdapterConfig
 
         handle = apply_fedadapter(model, spec, AdapterConfig(rank=16))
         trainable += [p for p in handle.named_tensors().values() if p.requires_grad]

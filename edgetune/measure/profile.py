@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
-from edgetune.adapters.lora import LoraConfig, apply_lora
+from edgetune.adapters.fedadapter import apply_fedadapter
+from edgetune.adapters.lora import apply_lora
+from edgetune.config import AdapterConfig, LoraConfig
 from edgetune.errors import ConfigError
 from edgetune.measure.flops import flop_counter
 from edgetune.models.heads import build_task_model

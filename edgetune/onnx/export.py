@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgetune import kernels
-from edgetune.adapters.fedadapter import AdapterConfig, apply_fedadapter
+from edgetune.adapters.fedadapter import apply_fedadapter
 from edgetune.adapters.handle import META_CONFIG, META_FAMILY, META_FINGERPRINT
+from edgetune.config import AdapterConfig
 from edgetune.errors import ConfigError
 from edgetune.models.zoo import Backbone, load_backbone
 

@@ -121,6 +121,12 @@ class ErrorFeedback:
             wire[name], wire[name + SCALE_SUFFIX] = q, scale
         return wire
 
+    def clone(self) -> ErrorFeedback:
+        """An independent copy (compress into it; keep it only if the upload is accepted)."""
+        copy = ErrorFeedback()
+        copy.load_state_dict(self.residual)
+        return copy
+
     def state_dict(self) -> dict[str, Tensor]:
         return {n: t.clone() for n, t in self.residual.items()}
 

@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from edgetune.adapters.lora import LoraConfig
 from edgetune.client.runtime import ClientRuntime, ClientSettings, ShardSpec
-from edgetune.client.trainer import EncodedSplit, TrainConfig, evaluate
-from edgetune.config.run import SimConfig
+from edgetune.client.trainer import EncodedSplit, evaluate
+from edgetune.config import LoraConfig, RunConfig, TrainConfig
 from edgetune.models.zoo import load_backbone
 from edgetune.protocol import initial_tensors
 
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 
 class FamilyEvaluator:
     def __init__(
-        self, config: SimConfig, backbone: str, url: str | None, token: str | None
+        self, config: RunConfig, backbone: str, url: str | None, token: str | None
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="edgetune-eval-")
         data = config.data
@@ -71,7 +70,7 @@ class FamilyEvaluator:
 
     @classmethod
     def for_config(
-        cls, config: SimConfig, url: str | None, token: str | None
+        cls, config: RunConfig, url: str | None, token: str | None
     ) -> dict[str, FamilyEvaluator]:
         """One evaluator per distinct family (tiers of one backbone share it)."""
         evaluators: dict[str, FamilyEvaluator] = {}

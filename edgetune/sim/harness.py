@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgetune.config.run import SERVER_STRATEGY, SimConfig
+from edgetune.config import RunConfig
 from edgetune.errors import EdgeTuneError
 from edgetune.sim.evaluator import FamilyEvaluator
 from edgetune.sim.report import RoundTable, write_plots
@@ -38,7 +38,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def client_settings(config: SimConfig, out: Path, url: str, token: str) -> list[dict[str, Any]]:
+def client_settings(config: RunConfig, out: Path, url: str, token: str) -> list[dict[str, Any]]:
     """One JSON-ready settings dict per simulated client, in group order."""
     settings, index = [], 0
     kind = config.strategy
@@ -86,7 +86,7 @@ def client_settings(config: SimConfig, out: Path, url: str, token: str) -> list[
 class Simulation:
     """Owns the server and client processes of one run; `run()` returns the summary."""
 
-    def __init__(self, config: SimConfig, out: Path) -> None:
+    def __init__(self, config: RunConfig, out: Path) -> None:
         self.config = config
         self.out = out
         self.port = free_port()
@@ -260,7 +260,7 @@ class Simulation:
         return results
 
 
-def run_simulation(config: SimConfig, out: Path) -> dict[str, Any]:
+def run_simulation(config: RunConfig, out: Path) -> dict[str, Any]:
     summary = Simulation(config, out).run()
     write_plots(out)
     return summary

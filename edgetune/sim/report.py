@@ -14,7 +14,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from edgetune.config.run import SimConfig
+from edgetune.config import RunConfig
 
 log = logging.getLogger(__name__)
 MB = 1e6
@@ -33,7 +33,7 @@ def _client_lines(out: Path) -> list[dict[str, Any]]:
 
 
 class RoundTable:
-    def __init__(self, out: Path, config: SimConfig) -> None:
+    def __init__(self, out: Path, config: RunConfig) -> None:
         self.out = out
         self.config = config
         self.global_acc: dict[int, dict[str, float]] = defaultdict(dict)

@@ -1,4 +1,4 @@
-"""Flower-like strategies over the pure aggregation functions.
+"""The server side of a strategy: a Flower-like `Strategy` over the pure aggregation functions.
 
 A strategy answers two verbs: ``configure_round`` (what clients are told for a round) and
 ``aggregate_round`` (replies -> new model state). Model state is a dict of named tensor dicts
@@ -12,18 +12,15 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from edgetune.protocol import (
-    KIND_FEDADAPTER,
-    KIND_LORA,
-    UPDATE_ENCODING,
-    AdapterSpec,
-)
-from edgetune.strategies import aggregation as agg
-from edgetune.strategies.aggregation import ClientUpdate, TensorDict, truncate_lora
+from edgetune.protocol import UPDATE_ENCODING, AdapterSpec
+from edgetune.strategies.aggregation import ClientUpdate, TensorDict
+
+if TYPE_CHECKING:
+    from edgetune.config import RunConfig
 
 log = logging.getLogger("edgetune.server")
 
@@ -68,12 +65,21 @@ def check_reply(update: ClientUpdate, spec: AdapterSpec) -> str | None:
 
 
 class Strategy(ABC):
-    """Base class: reply filtering, error containment and per-client download views."""
+    """Base class: reply filtering, error containment and per-client download views.
+
+    Subclasses are registered by name in `edgetune.strategies.registry` and built with
+    `from_config` from the run config.
+    """
 
     name: ClassVar[str]
     kind: ClassVar[str]
     uses_global: ClassVar[bool] = False
     per_client_views: ClassVar[bool] = False  # True when download_view depends on the client
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> Strategy:
+        """The strategy for a run (subclasses with settings read them from ``config``)."""
+        return cls()
 
     def configure_round(self, round_id: int) -> dict[str, Any]:
         """Instructions sent to every client with the round (JSON-serializable)."""
@@ -132,104 +138,3 @@ class Strategy(ABC):
         specs: Mapping[str, AdapterSpec],
     ) -> dict[str, TensorDict]:
         """Valid replies -> changed model entries."""
-
-
-class FedAdapterStrategy(Strategy):
-    """DESIGN.md section 4: family FedAvg + cross-family merge of global-branch deltas."""
-
-    name = "fedadapter"
-    kind = KIND_FEDADAPTER
-    uses_global = True
-
-    def __init__(self, beta: float, eta: float, project_conflicts: bool, seed: int) -> None:
-        self.beta, self.eta, self.project, self.seed = beta, eta, project_conflicts, seed
-
-    def check_spec(self, spec: AdapterSpec, pinned: AdapterSpec | None) -> str | None:
-        reason = super().check_spec(spec, pinned)
-        if reason is None and pinned is not None and spec.rank != pinned.rank:
-            return f"rank {spec.rank} != family rank {pinned.rank}"
-        return reason
-
-    def aggregate(self, round_id, state, updates, specs):  # type: ignore[no-untyped-def]
-        res = agg.fedadapter(
-            state[GLOBAL],
-            updates,
-            beta=self.beta,
-            eta=self.eta,
-            project=self.project,
-            seed=self.seed * 1_000_003 + round_id,
-        )
-        models = {GLOBAL: res.global_params}
-        models.update({family_model(m): t for m, t in res.families.items()})
-        return models
-
-
-class _PerFamily(Strategy):
-    kind = KIND_LORA
-
-    def aggregate(self, round_id, state, updates, specs):  # type: ignore[no-untyped-def]
-        return {
-            family_model(m): self.aggregate_family(us)
-            for m, us in agg.group_by_family(updates).items()
-        }
-
-    @abstractmethod
-    def aggregate_family(self, updates: Sequence[ClientUpdate]) -> TensorDict: ...
-
-
-class FedAvgStrategy(_PerFamily):
-    """Homogeneous FedAvg-LoRA: every client of a family has the same rank."""
-
-    name = "fedavg"
-
-    def check_spec(self, spec: AdapterSpec, pinned: AdapterSpec | None) -> str | None:
-        reason = super().check_spec(spec, pinned)
-        if reason is None and pinned is not None and spec.rank != pinned.rank:
-            return f"fedavg needs equal ranks: {spec.rank} != {pinned.rank}"
-        return reason
-
-    def aggregate_family(self, updates: Sequence[ClientUpdate]) -> TensorDict:
-        return agg.fedavg(updates)
-
-
-class HetLoRAStrategy(_PerFamily):
-    name = "hetlora"
-    per_client_views = True
-
-    def aggregate_family(self, updates: Sequence[ClientUpdate]) -> TensorDict:
-        return agg.hetlora(updates)
-
-    def download_view(self, tensors: TensorDict, spec: AdapterSpec) -> TensorDict:
-        return truncate_lora(tensors, spec.rank)
-
-
-class FlexLoRAStrategy(HetLoRAStrategy):
-    name = "flexlora"
-
-    def aggregate_family(self, updates: Sequence[ClientUpdate]) -> TensorDict:
-        return agg.flexlora(updates)
-
-
-class FLoRAStrategy(_PerFamily):
-    """Stacked factors; clients merge B @ A into their weights and restart LoRA each round."""
-
-    name = "flora"
-
-    def aggregate_family(self, updates: Sequence[ClientUpdate]) -> TensorDict:
-        return agg.flora(updates)
-
-
-def make_strategy(
-    name: str, *, beta: float = 1.0, eta: float = 1.0, project: bool = False, seed: int = 0
-) -> Strategy:
-    if name == "fedadapter":
-        return FedAdapterStrategy(beta, eta, project, seed)
-    classes: dict[str, type[Strategy]] = {
-        "fedavg": FedAvgStrategy,
-        "hetlora": HetLoRAStrategy,
-        "flexlora": FlexLoRAStrategy,
-        "flora": FLoRAStrategy,
-    }
-    if name not in classes:
-        raise ValueError(f"unknown strategy {name!r}; known: fedadapter, {', '.join(classes)}")
-    return classes[name]()

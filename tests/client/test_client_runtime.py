@@ -12,9 +12,9 @@ import httpx
 import pytest
 import torch
 
-from edgetune.adapters.fedadapter import AdapterConfig
+from edgetune.config import AdapterConfig
 from edgetune.client.runtime import ClientRuntime, ClientSettings, ShardSpec
-from edgetune.client.trainer import TrainConfig
+from edgetune.config import TrainConfig
 from edgetune.client.transport import ServerClient, ServerError
 
 JOIN = "client-runtime-test-join-token-000"

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from edgetune.adapters.lora import LoraConfig, apply_lora
+from edgetune.config import LoraConfig
+from edgetune.adapters.lora import apply_lora
 from edgetune.errors import ConfigError
 
 

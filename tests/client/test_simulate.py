@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgetune.config.run import SimConfig, config_reference, load_sim_config
+from edgetune.config import RunConfig, config_reference, load_config
 from edgetune.errors import ConfigError
 from edgetune.sim.harness import Simulation, run_simulation
 
@@ -21,7 +21,7 @@ def _metrics(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_tiny_run_over_http_writes_every_output(tmp_path):
-    summary = run_simulation(load_sim_config(TINY), tmp_path)
+    summary = run_simulation(load_config(TINY), tmp_path)
     rows = _metrics(tmp_path)
     assert [r["round"] for r in rows] == [0, 1, 2]
     families = {"tiny-bert-d32-l2", "tiny-bert-d48-l3"}
@@ -57,7 +57,7 @@ def test_tiny_run_over_http_writes_every_output(tmp_path):
     ids=["flora", "hetlora-ranks", "fedadapter-int8-family-every-2"],
 )
 def test_other_strategies_and_comm_knobs_run_end_to_end(tmp_path, overrides):
-    summary = run_simulation(load_sim_config(TINY, overrides), tmp_path)
+    summary = run_simulation(load_config(TINY, overrides), tmp_path)
     rows = _metrics(tmp_path)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(c["returncode"] == 0 for c in summary["clients"])
@@ -67,7 +67,7 @@ def test_other_strategies_and_comm_knobs_run_end_to_end(tmp_path, overrides):
 
 @pytest.mark.slow
 def test_local_only_baseline_runs_without_a_server(tmp_path):
-    summary = run_simulation(load_sim_config(TINY, ['strategy="local"']), tmp_path)
+    summary = run_simulation(load_config(TINY, ['strategy="local"']), tmp_path)
     rows = _metrics(tmp_path)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["bytes_up"] == 0 and r["bytes_down"] == 0 for r in rows)
@@ -84,7 +84,7 @@ def test_killing_a_client_mid_run_does_not_stop_it(tmp_path):
     Depending on timing it may or may not have uploaded round 1 first; either way round 2 can
     only close at its deadline without it, and the run must still finish every round.
     """
-    config = load_sim_config(TINY, ["server.round_timeout_s=15.0", "rounds=2"])
+    config = load_config(TINY, ["server.round_timeout_s=15.0", "rounds=2"])
     sim = Simulation(config, tmp_path)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(sim.run()), daemon=True)
@@ -118,21 +118,21 @@ def test_killing_a_client_mid_run_does_not_stop_it(tmp_path):
 )
 def test_bad_config_values_fail_before_anything_starts(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_sim_config(TINY, overrides)
+        load_config(TINY, overrides)
 
 
 def test_bad_group_quant_names_allowed_values(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[[group]]\nbackbone = "tiny-bert"\nquant = "int3"\n')
     with pytest.raises(ConfigError, match=r"group.quant='int3': allowed values are"):
-        load_sim_config(path)
+        load_config(path)
 
 
 def test_demo_config_loads_and_matches_the_issue():
     from edgetune.cli import DEMO_CONFIG
 
-    config = load_sim_config(DEMO_CONFIG)
-    assert isinstance(config, SimConfig) and config.data.dataset == "fortunes"
+    config = load_config(DEMO_CONFIG)
+    assert isinstance(config, RunConfig) and config.data.dataset == "fortunes"
     assert len(config.data.categories) >= 6 and config.data.alpha == 0.5
     tiers = sorted((g.backbone, g.quant, g.count) for g in config.groups)
     assert tiers == [("minilm-l3", "int8", 2), ("minilm-l6", "nf4", 2), ("minilm-l6", "none", 2)]

@@ -132,8 +132,8 @@ def test_lora_has_no_global_bundle(live_server) -> None:
 
 
 def _spec_of() -> AdapterSpec:
-    from edgetune.adapters.fedadapter import AdapterConfig
-    from edgetune.adapters.lora import LoraConfig
+    from edgetune.config import AdapterConfig
+    from edgetune.config import LoraConfig
     from edgetune.measure.profile import build_setup
     from edgetune.models.zoo import load_backbone
 
