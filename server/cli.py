@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ServerConfig, load_config
+from edgetune.config import RunConfig, ServerConfig, load_config
+from edgetune.errors import ConfigError
 
 log = logging.getLogger("edgetune.server")
 JOIN_TOKEN_ENV = "EDGETUNE_JOIN_TOKEN"
@@ -47,13 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state", required=True, type=Path, help="state directory (created; resumed if present)"
     )
-    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    p.add_argument("--host", default=None, help="bind address (server.host, default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (server.port, default 8080)")
     p.add_argument(
-        "--config", type=Path, default=None, help="flat-key TOML file of ServerConfig fields"
-    )
+        "--config", type=Path, default=None,
+        help="run config (the same TOML as simulate: rounds, strategy, seed, [server], [[group]])",
+    )  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (repeatable), e.g. --set min_clients=3")  # fmt: skip
+                   help="override one config key (repeatable), e.g. --set server.min_clients=3")  # fmt: skip
     p.add_argument("--join-token-file", type=Path, default=None,
                    help=f"file holding the join token (else env {JOIN_TOKEN_ENV})")  # fmt: skip
     p.add_argument("--certfile", type=Path, default=None, help="TLS certificate (PEM)")
@@ -94,25 +96,41 @@ def tls_warning(config: ServerConfig, tls: bool) -> str | None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config, args.overrides, host=args.host, port=args.port)
+        flags = [f"server.host={args.host!r}"] if args.host else []
+        flags += [f"server.port={args.port}"] if args.port is not None else []
+        run = load_config(args.config, [*flags, *args.overrides])
+        check_servable(run)
         token = read_join_token(args.join_token_file)
         if (args.certfile is None) != (args.keyfile is None):
             raise ConfigError("--certfile and --keyfile must be given together")
     except (ConfigError, OSError) as exc:
         print(f"edgetune server: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
-    return serve(config, args.state, token, args.certfile, args.keyfile)
+    setup_logging(run.server.log_level)
+    return serve(run, args.state, token, args.certfile, args.keyfile)
+
+
+def check_servable(run: RunConfig) -> None:
+    """What only the whole config can say: the strategy has a server side, and the quorum is
+    countable (``server.min_clients = 0`` needs [[group]] tables)."""
+    run.strategy_def.server_class()
+    if run.quorum < run.server.min_clients_at_deadline:
+        raise ConfigError(
+            f"server.min_clients_at_deadline={run.server.min_clients_at_deadline} exceeds the "
+            f"quorum of {run.quorum}"
+        )
 
 
 def serve(
-    config: ServerConfig, state: Path, join_token: str, certfile: Path | None, keyfile: Path | None
+    run: RunConfig, state: Path, join_token: str, certfile: Path | None, keyfile: Path | None
 ) -> int:
     import uvicorn
 
     from .app import create_app
     from .rounds import Coordinator
     from .storage import Storage
+
+    config = run.server
 
     if config.torch_threads:
         # aggregation is memory-bound; one thread avoids OpenMP stalls when the cores are shared
@@ -123,10 +141,10 @@ def serve(
     if warning:
         log.warning(warning, extra={"event": "insecure_listener"})
     storage = Storage(state, synchronous=config.sqlite_synchronous, fsync_blobs=config.fsync_blobs)
-    coord = Coordinator(config, storage, join_token)
+    coord = Coordinator(run, storage, join_token)
     rec = coord.current_round()
     log.info("server starting", extra={"event": "server_start", "fields": {
-        "host": config.host, "port": config.port, "state": str(state), "strategy": config.strategy,
+        "host": config.host, "port": config.port, "state": str(state), "strategy": run.strategy,
         "round": rec.round_id, "round_state": rec.state, "tls": certfile is not None}})  # fmt: skip
     uv = uvicorn.Config(
         create_app(coord),

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
+from edgetune.config import RunConfig, ServerConfig
 from edgetune.protocol import (
     META_FAMILY,
     META_KIND,
@@ -33,7 +34,6 @@ from edgetune.protocol import (
 from edgetune.strategies.aggregation import TensorDict
 from edgetune.strategies.base import GLOBAL, Strategy, family_model
 
-from .config import ServerConfig
 from .storage import ClientRecord, Storage
 from .validation import ApiError
 
@@ -53,6 +53,7 @@ def log_event(event: str, **fields: Any) -> None:
 class Registry:
     """Auth, registration and downloads; subclasses provide ``_txn`` and ``_later``."""
 
+    run: RunConfig
     config: ServerConfig
     storage: Storage
     strategy: Strategy
@@ -121,7 +122,7 @@ class Registry:
         }
 
     def _pin_family(self, conn: Any, spec: AdapterSpec) -> None:
-        glob, fam = initial_tensors(spec, self.config.seed)
+        glob, fam = initial_tensors(spec, self.run.seed)
         if self.strategy.uses_global:
             schema = json.dumps({n: list(t.shape) for n, t in sorted(glob.items())})
             row = conn.execute("SELECT value FROM meta WHERE key='global_schema'").fetchone()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from edgetune.config import RunConfig
 from edgetune.protocol import (
     META_COMPRESSION,
     AdapterSpec,
@@ -27,10 +28,10 @@ from edgetune.protocol import (
     decode_payload,
     decompress_tensors,
 )
+from edgetune.strategies import make_strategy
 from edgetune.strategies.aggregation import ClientUpdate, TensorDict
-from edgetune.strategies.base import GLOBAL, Strategy, family_model, make_strategy
+from edgetune.strategies.base import GLOBAL, Strategy, family_model
 
-from .config import ServerConfig
 from .registry import Registry, hash_token, log, log_event
 from .storage import ClientRecord, RoundRecord, Storage, UpdateRecord, bump_counter, sha256_hex
 from .validation import ApiError, validate_update
@@ -50,16 +51,12 @@ MAX_STEP_FAILURES = 10
 class Coordinator(Registry):
     """Owns the storage and the strategy; every public method is thread-safe."""
 
-    def __init__(self, config: ServerConfig, storage: Storage, join_token: str) -> None:
-        self.config = config
+    def __init__(self, run: RunConfig, storage: Storage, join_token: str) -> None:
+        self.run = run
+        self.config = run.server
+        self.quorum = run.quorum
         self.storage = storage
-        self.strategy: Strategy = make_strategy(
-            config.strategy,
-            beta=config.beta,
-            eta=config.eta,
-            project=config.project_conflicts,
-            seed=config.seed,
-        )
+        self.strategy: Strategy = make_strategy(run)
         self._join_hash = hash_token(join_token)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -162,7 +159,7 @@ class Coordinator(Registry):
             "opened_at": rec.opened_at,
             "deadline": rec.deadline,
             "seconds_left": max(0.0, rec.deadline - time.time()),
-            "min_clients": self.config.min_clients,
+            "min_clients": self.quorum,
             "received": self.storage.count_updates(rec.round_id),
             "config": self.strategy.configure_round(rec.round_id),
         }
@@ -224,7 +221,7 @@ class Coordinator(Registry):
             family=client.family,
             bytes=len(body),
         )
-        if received >= self.config.min_clients:
+        if received >= self.quorum:
             self._wake.set()
         return 201, {
             "status": "accepted",
@@ -282,7 +279,7 @@ class Coordinator(Registry):
     def _due(self, rec: RoundRecord, now: float) -> bool:
         """Under the lock: True when the round should aggregate now (marks it aggregating)."""
         n = self.storage.count_updates(rec.round_id)
-        reached = n >= self.config.min_clients
+        reached = n >= self.quorum
         if not reached and now < rec.deadline:
             return False
         if not reached and n < self.config.min_clients_at_deadline:
@@ -314,7 +311,7 @@ class Coordinator(Registry):
             self._maybe_open_next(c, rec.round_id)
 
     def _maybe_open_next(self, conn: Any, round_id: int) -> None:
-        if self.config.max_rounds == 0 or round_id < self.config.max_rounds:
+        if round_id < self.run.rounds:
             self._insert_round(conn, round_id + 1)
         else:
             self._later("training_finished", rounds=round_id)

@@ -1,4 +1,9 @@
-"""`edgetune client`: run one client against a server (also `python -m edgetune.client.cli`)."""
+"""`edgetune client`: run one client against a server (also `python -m edgetune.client`).
+
+The client reads the same run config as `simulate` and `server` (``--config run.toml``, the
+``[client]`` section says which backbone, shard and server); each flag below is a shorthand for
+one ``--set`` key, and ``--set`` overrides anything.
+"""
 
 from __future__ import annotations
 
@@ -8,88 +13,79 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from edgetune.client.runtime import KINDS, ClientRuntime, ClientSettings, ShardSpec
-from edgetune.config import AdapterConfig, LoraConfig, TrainConfig
 from edgetune.errors import ConfigError, EdgeTuneError
 
 JOIN_TOKEN_ENV = "EDGETUNE_JOIN_TOKEN"
 
-
-def settings_from_dict(raw: dict[str, Any]) -> ClientSettings:
-    """The JSON the simulation writes per client -> validated settings."""
-    raw = dict(raw)
-    try:
-        adapter = raw.pop("adapter", {})
-        adapter = {k: tuple(v) if isinstance(v, list) else v for k, v in adapter.items()}
-        lora = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("lora", {}).items()}
-        shard = raw.pop("shard")
-        shard["categories"] = tuple(shard.get("categories", ()))
-        return ClientSettings(
-            adapter=AdapterConfig(**adapter),
-            lora=LoraConfig(**lora),
-            train=TrainConfig(**raw.pop("train", {})),
-            shard=ShardSpec(**shard),
-            state_dir=Path(raw.pop("state_dir")),
-            **raw,
-        )
-    except (KeyError, TypeError) as err:
-        raise ConfigError(f"client settings are incomplete or have unknown keys: {err}") from err
+#: flag -> the config key it sets
+FLAG_KEYS = {
+    "server": "client.url",
+    "backbone": "client.backbone",
+    "quant": "client.quant",
+    "rank": "client.rank",
+    "state_dir": "client.state_dir",
+    "max_rounds": "client.max_rounds",
+    "strategy": "strategy",
+    "data": "data.dataset",
+    "epochs": "train.epochs",
+    "lr": "train.lr",
+    "batch_size": "train.batch_size",
+    "time_budget": "train.time_budget_s",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--settings", type=Path, help="a settings JSON file (as `simulate` writes)")
-    p.add_argument("--result", type=Path, help="write the final metrics as JSON here")
-    p.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--config", type=Path, help="run config (TOML, or JSON of the same tables)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. client.quant=nf4 (repeatable)")  # fmt: skip
     p.add_argument("--join-token", help=f"join token (default: env {JOIN_TOKEN_ENV})")
-    p.add_argument("--backbone", default="minilm-l3")
-    p.add_argument("--quant", default="none", choices=("none", "int8", "nf4", "fp4"))
-    p.add_argument("--kind", default="fedadapter", choices=KINDS)
-    p.add_argument("--data", default="fortunes", help="dataset name or .csv/.jsonl file")
-    p.add_argument("--state-dir", type=Path, default=Path("edgetune-client"))
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--time-budget", type=float, default=0.0, help="seconds of training per round")
-    p.add_argument("--max-rounds", type=int, default=0)
+    p.add_argument("--result", type=Path, help="write the final metrics as JSON here")
+    p.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8080 (client.url)")
+    p.add_argument("--backbone", help="zoo name or model folder (client.backbone)")
+    p.add_argument("--quant", help="none, int8, nf4 or fp4 (client.quant)")
+    p.add_argument("--strategy", help="the run's strategy (strategy)")
+    p.add_argument("--data", help="dataset name or .csv/.jsonl file (data.dataset)")
+    p.add_argument("--state-dir", help="where the client keeps its state (client.state_dir)")
+    p.add_argument("--rank", type=int, help="this client's adapter rank (client.rank)")
+    p.add_argument("--epochs", type=int, help="local epochs per round (train.epochs)")
+    p.add_argument("--lr", type=float, help="learning rate (train.lr)")
+    p.add_argument("--batch-size", type=int, help="local batch size (train.batch_size)")
+    p.add_argument("--time-budget", type=float, help="seconds of training per round")
+    p.add_argument("--max-rounds", type=int, help="stop after this many rounds (client.max_rounds)")
 
 
-def _settings_from_flags(args: argparse.Namespace) -> ClientSettings:
-    token = args.join_token or os.environ.get(JOIN_TOKEN_ENV)
-    if not args.server or not token:
-        raise ConfigError(f"--server and --join-token (or env {JOIN_TOKEN_ENV}) are required")
-    return ClientSettings(
-        server=args.server,
-        join_token=token,
-        backbone=args.backbone,
-        quant=args.quant,
-        tier=args.quant,
-        kind=args.kind,
-        state_dir=args.state_dir,
-        shard=ShardSpec(dataset=args.data, local_holdout=0.2),
-        adapter=AdapterConfig(rank=args.rank),
-        lora=LoraConfig(rank=args.rank),
-        train=TrainConfig(
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            time_budget_s=args.time_budget,
-        ),
-        max_rounds=args.max_rounds,
-    )
+def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The run config: file < flags < ``--set``; the server URL is required."""
+    from edgetune.config import load_config
+
+    flags = []
+    for attr, key in FLAG_KEYS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            flags.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    config = load_config(args.config, [*flags, *args.overrides])
+    if not config.client.url and config.strategy_def.federated:
+        raise ConfigError("client.url is empty: pass --server http://HOST:PORT")
+    return config
+
+
+def join_token_of(args: argparse.Namespace) -> str:
+    token = args.join_token or os.environ.get(JOIN_TOKEN_ENV, "")
+    if not token:
+        raise ConfigError(f"no join token: pass --join-token or set {JOIN_TOKEN_ENV}")
+    return token
 
 
 def run_client(args: argparse.Namespace) -> int:
-    if args.settings:
-        settings = settings_from_dict(json.loads(args.settings.read_text()))
-    else:
-        settings = _settings_from_flags(args)
-    torch.manual_seed(settings.train.seed)
-    result = ClientRuntime(settings).run()
+    import torch
+
+    from edgetune.client.runtime import ClientRuntime
+
+    config = config_from_args(args)
+    token = join_token_of(args) if config.strategy_def.federated else ""
+    torch.manual_seed(config.train.seed)
+    result = ClientRuntime(config, token).run()
     text = json.dumps(result, indent=1, default=float)
     if args.result:
         args.result.write_text(text)
@@ -105,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     try:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
         return run_client(args)
     except EdgeTuneError as err:
         print(f"edgetune client: error: {err}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,24 @@ __all__ = ["apply_override", "parse_override", "read_toml", "tomllib"]
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """The tables of a TOML file; a missing or malformed file is a ConfigError naming it."""
+    """The tables of a TOML file (or of a ``.json`` file holding the same tables, as
+    `simulate` writes them); a missing or malformed file is a ConfigError naming it."""
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        if Path(path).suffix == ".json":
+            tables = json.loads(text)
+            if not isinstance(tables, dict):
+                raise ConfigError(f"{path}: a JSON config must be an object of tables")
+            return tables
+        return tomllib.loads(text)
     except FileNotFoundError as err:
         raise ConfigError(f"config file {path} does not exist") from err
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} cannot be read: {err}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from err
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from err
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

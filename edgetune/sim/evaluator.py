@@ -12,56 +12,41 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgetune.client.runtime import ClientRuntime, ClientSettings, ShardSpec
+from edgetune.client.runtime import ClientRuntime
 from edgetune.client.trainer import EncodedSplit, evaluate
-from edgetune.config import LoraConfig, RunConfig, TrainConfig
+from edgetune.config import ClientConfig, RunConfig
+from edgetune.errors import ConfigError
 from edgetune.models.zoo import load_backbone
-from edgetune.protocol import initial_tensors
+from edgetune.protocol import GROUP_PRIVATE
 
 log = logging.getLogger(__name__)
 
 
 class FamilyEvaluator:
+    """The evaluator of one family: its fp32 backbone with the adapter at the family's rank."""
+
     def __init__(
-        self, config: RunConfig, backbone: str, url: str | None, token: str | None
+        self, config: RunConfig, backbone: str, rank: int, url: str | None, token: str | None
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="edgetune-eval-")
-        data = config.data
-        shard = ShardSpec(
-            dataset=data.dataset,
-            categories=tuple(data.categories),
-            max_per_class=data.max_per_class,
-            num_clients=1,
-            alpha=data.alpha,
-            seed=config.seed,
-            test_fraction=data.test_fraction,
-            local_holdout=0.0,
-        )
-        settings = ClientSettings(
-            server=url or "http://127.0.0.1:9",
-            join_token=token or "",
+        client = ClientConfig(
+            url=url or "",
+            state_dir=self._tmp.name,
             backbone=backbone,
-            state_dir=Path(self._tmp.name),
-            shard=shard,
-            tier="evaluator",
-            kind=config.strategy,
-            adapter=config.adapter,
-            lora=LoraConfig(**dataclasses.asdict(config.lora)),
-            train=TrainConfig(max_length=config.train.max_length),
+            rank=rank,
             eval_test_at_end=False,
         )
-        self.runtime = ClientRuntime(settings)
+        data = dataclasses.replace(config.data, local_holdout=0.0)
+        run = dataclasses.replace(config, client=client, data=data)
+        self.runtime = ClientRuntime(run, token or "", tier="evaluator")
         test = self.runtime.dataset.test
         if data.eval_samples and data.eval_samples < len(test):
-            keep = np.sort(
-                np.random.default_rng(config.seed).permutation(len(test))[: data.eval_samples]
-            )
-            test = test.subset(keep)
+            order = np.random.default_rng(config.seed).permutation(len(test))
+            test = test.subset(np.sort(order[: data.eval_samples]))
         self.test = EncodedSplit(self.runtime.backbone, test, config.train.max_length)
         self.family = self.runtime.spec.family
         self.next_version = 0
@@ -72,16 +57,25 @@ class FamilyEvaluator:
     def for_config(
         cls, config: RunConfig, url: str | None, token: str | None
     ) -> dict[str, FamilyEvaluator]:
-        """One evaluator per distinct family (tiers of one backbone share it)."""
-        evaluators: dict[str, FamilyEvaluator] = {}
-        seen_backbones: set[str] = set()
+        """One evaluator per family (tiers of one backbone share it), registered first.
+
+        Its spec is the one the server pins for the family, so it carries the family's rank:
+        the rank every client of the family trains, or the largest one where the strategy lets
+        ranks differ within a family (HetLoRA, FlexLoRA).
+        """
+        families: dict[str, list[tuple[str, int]]] = {}
         for group in config.groups:
-            if group.backbone in seen_backbones:
-                continue
-            seen_backbones.add(group.backbone)
             family = load_backbone(group.backbone).spec.family
-            if family not in evaluators:
-                evaluators[family] = cls(config, group.backbone, url, token)
+            families.setdefault(family, []).append((group.backbone, config.client_rank(group.rank)))
+        evaluators = {}
+        for family, members in families.items():
+            ranks = sorted({rank for _, rank in members})
+            if len(ranks) > 1 and not config.strategy_def.per_client_rank:
+                raise ConfigError(
+                    f"strategy {config.strategy!r} trains one rank per family, but the "
+                    f"[[group]] tables of family {family!r} ask for ranks {ranks}"
+                )
+            evaluators[family] = cls(config, members[0][0], ranks[-1], url, token)
         return evaluators
 
     def current_round(self) -> dict[str, Any]:
@@ -111,14 +105,12 @@ class FamilyEvaluator:
 
     def evaluate_initial(self) -> dict[str, Any]:
         """The round-0 model without a server (local-only runs): the server's initial tensors."""
-        glob, fam = initial_tensors(self.runtime.spec, seed=self.runtime.settings.shard.seed)
-        if glob:
-            self.runtime.handle.load_group("global", glob)
-        self.runtime.load_family(fam)
+        self.runtime.load_initial()
         result = evaluate(self.runtime.task, self.test)
         return {"version": 0, "acc": result.accuracy, "loss": result.loss}
 
     def _clear_private(self) -> None:
-        private = self.runtime.handle.state_dict_for("private")
+        private = self.runtime.handle.state_dict_for(GROUP_PRIVATE)
         if private:
-            self.runtime.handle.load_group("private", {n: t.zero_() for n, t in private.items()})
+            zeros = {n: t.zero_() for n, t in private.items()}
+            self.runtime.handle.load_group(GROUP_PRIVATE, zeros)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgetune.config import RunConfig
+from edgetune.config import ClientConfig, RunConfig, config_to_dict
 from edgetune.errors import EdgeTuneError
 from edgetune.sim.evaluator import FamilyEvaluator
 from edgetune.sim.report import RoundTable, write_plots
@@ -38,49 +38,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def client_settings(config: RunConfig, out: Path, url: str, token: str) -> list[dict[str, Any]]:
-    """One JSON-ready settings dict per simulated client, in group order."""
-    settings, index = [], 0
-    kind = config.strategy
+def client_configs(config: RunConfig, out: Path, url: str) -> list[RunConfig]:
+    """One run config per simulated client, in group order: the run's, with ``[client]``
+    filled from its ``[[group]]`` and its shard, and its own shuffling seed."""
+    configs, index = [], 0
     for group in config.groups:
         for _ in range(group.count):
-            adapter = dataclasses.asdict(config.adapter)
-            lora = dataclasses.asdict(config.lora)
-            if group.rank:
-                adapter["rank"] = lora["rank"] = group.rank
-            settings.append(
-                {
-                    "server": url,
-                    "join_token": token,
-                    "backbone": group.backbone,
-                    "quant": group.quant,
-                    "tier": group.tier,
-                    "kind": kind,
-                    "state_dir": str(out / "clients" / f"c{index}"),
-                    "max_rounds": config.rounds,
-                    "family_every": config.comm.family_every,
-                    "compression": config.comm.compression,
-                    "adapter": adapter,
-                    "lora": lora,
-                    "train": {
-                        **dataclasses.asdict(config.train),
-                        "seed": config.seed * 1000 + index,
-                    },
-                    "shard": {
-                        "dataset": config.data.dataset,
-                        "categories": list(config.data.categories),
-                        "max_per_class": config.data.max_per_class,
-                        "index": index,
-                        "num_clients": config.num_clients,
-                        "alpha": config.data.alpha,
-                        "seed": config.seed,
-                        "test_fraction": config.data.test_fraction,
-                        "local_holdout": config.data.local_holdout,
-                    },
-                }
+            client = ClientConfig(
+                url=url,
+                state_dir=str(out / "clients" / f"c{index}"),
+                backbone=group.backbone,
+                quant=group.quant,
+                rank=group.rank,
+                shard=index,
+                shards=config.num_clients,
+                max_rounds=config.rounds,
             )
+            train = dataclasses.replace(config.train, seed=config.seed * 1000 + index)
+            configs.append(dataclasses.replace(config, client=client, train=train))
             index += 1
-    return settings
+    return configs
 
 
 class Simulation:
@@ -109,30 +86,17 @@ class Simulation:
         return env
 
     def start_server(self) -> None:
-        server = self.config.server
-        min_clients = server.min_clients or self.config.num_clients
-        sets = {
-            "strategy": SERVER_STRATEGY[self.config.strategy],
-            "min_clients": min_clients,
-            "min_clients_at_deadline": 1,
-            "round_timeout_s": server.round_timeout_s,
-            "max_rounds": self.config.rounds,
-            "beta": server.beta,
-            "eta": server.eta,
-            "project_conflicts": str(server.project_conflicts).lower(),
-            "seed": self.config.seed,
-        }
-        cmd = [
-            sys.executable,
-            "-m",
-            "edgetune.server",
-            "--state",
-            str(self.out / "server"),
-            "--port",
-            str(self.port),
-        ]
-        for key, value in sets.items():
-            cmd += ["--set", f"{key}={value}"]
+        """`python -m edgetune.server` on this run's config (written as JSON), on loopback."""
+        server = dataclasses.replace(
+            self.config.server, host="127.0.0.1", port=self.port, min_clients=self.config.quorum
+        )
+        run_file = self.out / "server" / "run.json"
+        run_file.parent.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(
+            json.dumps(config_to_dict(dataclasses.replace(self.config, server=server)), indent=1)
+        )
+        cmd = [sys.executable, "-m", "edgetune.server", "--state", str(self.out / "server")]
+        cmd += ["--config", str(run_file)]
         log_file = (self.out / "server.log").open("ab")
         self.server = subprocess.Popen(cmd, env=self._env(), stdout=log_file, stderr=log_file)
         self._wait_healthy()
@@ -154,20 +118,13 @@ class Simulation:
         raise EdgeTuneError(f"server did not answer /v1/health within {timeout_s:.0f}s")
 
     def start_clients(self) -> None:
-        for settings in client_settings(self.config, self.out, self.url, self.token):
-            folder = Path(settings["state_dir"])
+        for config in client_configs(self.config, self.out, self.url):
+            folder = Path(config.client.state_dir)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "settings.json").write_text(json.dumps(settings, indent=1))
+            (folder / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
             log_file = (folder / "client.log").open("ab")
-            cmd = [
-                sys.executable,
-                "-m",
-                "edgetune.client",
-                "--settings",
-                str(folder / "settings.json"),
-                "--result",
-                str(folder / "result.json"),
-            ]
+            cmd = [sys.executable, "-m", "edgetune.client", "--config", str(folder / "config.json")]
+            cmd += ["--result", str(folder / "result.json")]
             self.clients.append(
                 subprocess.Popen(cmd, env=self._env(), stdout=log_file, stderr=log_file)
             )
@@ -186,7 +143,7 @@ class Simulation:
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
+        (self.out / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=1))
         table = RoundTable(self.out, self.config)
         try:
             if self.config.strategy == "local":

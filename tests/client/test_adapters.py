@@ -6,8 +6,8 @@ import pytest
 import torch
 from edgetune.kernels import reference_adapter
 
-from edgetune.config import AdapterConfig
 from edgetune.adapters.fedadapter import FedAdapterLayer, apply_fedadapter
+from edgetune.config import AdapterConfig
 from edgetune.errors import ConfigError
 from edgetune.models.heads import build_task_model
 from edgetune.models.zoo import load_backbone

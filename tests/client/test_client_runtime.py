@@ -12,10 +12,9 @@ import httpx
 import pytest
 import torch
 
-from edgetune.config import AdapterConfig
 from edgetune.client.runtime import ClientRuntime, ClientSettings, ShardSpec
-from edgetune.config import TrainConfig
 from edgetune.client.transport import ServerClient, ServerError
+from edgetune.config import AdapterConfig, TrainConfig
 
 JOIN = "client-runtime-test-join-token-000"
 

@@ -18,8 +18,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgetune.config import AdapterConfig
 from edgetune.adapters.fedadapter import apply_fedadapter
+from edgetune.config import AdapterConfig
 from edgetune.errors import ConfigError
 from edgetune.models.heads import build_task_model
 from edgetune.onnx.export import ADAPTER_FILE, MODEL_FILE, export_model, graph_tensors

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from edgetune.config import LoraConfig
 from edgetune.adapters.lora import apply_lora
+from edgetune.config import LoraConfig
 from edgetune.errors import ConfigError
 
 

@@ -90,8 +90,7 @@ def test_parameter_counts(profiles) -> None:
 
 
 def _spec_of(prof: dict):
-    from edgetune.config import AdapterConfig
-    from edgetune.config import LoraConfig
+    from edgetune.config import AdapterConfig, LoraConfig
     from edgetune.measure.profile import build_setup
     from edgetune.models.zoo import load_backbone
 
@@ -130,8 +129,7 @@ def test_timing_memory_table_and_cli(capsys) -> None:
 
 def test_adapters_from_block_1_cut_backward_and_travel_on_the_wire() -> None:
     """blocks="from:1" on 3 blocks: backward stops above block 1; the spec names match."""
-    from edgetune.config import AdapterConfig
-    from edgetune.config import LoraConfig
+    from edgetune.config import AdapterConfig, LoraConfig
     from edgetune.measure.profile import build_setup
     from edgetune.models.zoo import load_backbone
 

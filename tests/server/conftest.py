@@ -16,10 +16,10 @@ import pytest
 import torch
 import uvicorn
 from edgetune.server.app import create_app
-from edgetune.server.config import ServerConfig
 from edgetune.server.rounds import Coordinator
 from edgetune.server.storage import Storage
 
+from edgetune.config import RunConfig, ServerConfig
 from edgetune.protocol import AdapterSpec, decode_payload, encode_update
 
 JOIN_TOKEN = "test-join-token-0123456789abcdef"
@@ -44,13 +44,26 @@ def random_update(spec: AdapterSpec, seed: int, scale: float = 0.1) -> dict[str,
     }
 
 
+TOP_LEVEL = ("strategy", "seed", "rounds")
+
+
+def server_run(**keys: Any) -> RunConfig:
+    """A run config from the keys a test names: ``strategy``, ``seed`` and ``rounds`` are
+    top-level, every other key is a ``[server]`` key. Tests run up to 1000 rounds and, unless
+    they say otherwise, close a round at 2 uploads."""
+    top = {k: keys.pop(k) for k in TOP_LEVEL if k in keys}
+    server = ServerConfig(**{"min_clients": 2, **keys})
+    return RunConfig(**{"rounds": 1000, **top}, server=server)
+
+
 class LiveServer:
     """A real uvicorn server in a thread, bound to a free port on 127.0.0.1."""
 
     def __init__(self, state: Path, **cfg: Any) -> None:
-        self.config = ServerConfig(**{"tick_s": 0.05, "sqlite_synchronous": "NORMAL", **cfg})
+        self.run = server_run(**{"tick_s": 0.05, "sqlite_synchronous": "NORMAL", **cfg})
+        self.config = self.run.server
         self.storage = Storage(state, synchronous=self.config.sqlite_synchronous)
-        self.coord = Coordinator(self.config, self.storage, JOIN_TOKEN)
+        self.coord = Coordinator(self.run, self.storage, JOIN_TOKEN)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))

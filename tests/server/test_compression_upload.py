@@ -121,7 +121,7 @@ def test_partial_upload_rules(live_server) -> None:
 
 
 def test_lora_has_no_global_bundle(live_server) -> None:
-    srv = live_server(min_clients=5, strategy="fedavg")
+    srv = live_server(min_clients=5, strategy="fedavg-lora")
     spec = small_spec("fam-l", kind="lora", lora_modules=(("l0.query", 8, 8),), n_anchors=2)
     c = ApiClient(srv.url, spec)
     tensors = random_update(spec, 1)
@@ -132,8 +132,7 @@ def test_lora_has_no_global_bundle(live_server) -> None:
 
 
 def _spec_of() -> AdapterSpec:
-    from edgetune.config import AdapterConfig
-    from edgetune.config import LoraConfig
+    from edgetune.config import AdapterConfig, LoraConfig
     from edgetune.measure.profile import build_setup
     from edgetune.models.zoo import load_backbone
 

@@ -1,4 +1,4 @@
-"""ServerConfig validation, TOML + --set loading, and the CLI surface."""
+"""The server's config (the shared run config), TOML + --set loading, and the CLI surface."""
 
 from __future__ import annotations
 
@@ -17,51 +17,61 @@ from edgetune.server.cli import (
     run_from_args,
     tls_warning,
 )
-from edgetune.server.config import ConfigError, ServerConfig, load_config, parse_override
+
+from edgetune.config import ServerConfig, load_config, parse_override
+from edgetune.errors import ConfigError
 
 
 @pytest.mark.parametrize(
-    ("kw", "named"),
+    ("keys", "named"),
     [
-        ({"strategy": "fedprox"}, "strategy='fedprox'"),
-        ({"beta": 1.5}, "beta=1.5"),
-        ({"min_clients": 0}, "min_clients=0"),
-        ({"min_clients": 2, "min_clients_at_deadline": 3}, "min_clients_at_deadline=3"),
-        ({"port": 70000}, "port=70000"),
-        ({"on_deadline": "retry"}, "on_deadline='retry'"),
-        ({"eta": "fast"}, "eta='fast'"),
-        ({"project_conflicts": "yes"}, "project_conflicts='yes'"),
-        ({"min_clients": True}, "min_clients=True"),
+        (["strategy=fedprox"], "strategy='fedprox'"),
+        (["server.beta=1.5"], "server.beta=1.5"),
+        (["server.min_clients=-1"], "server.min_clients=-1"),
+        (["server.min_clients=2", "server.min_clients_at_deadline=3"], "min_clients_at_deadline=3"),
+        (["server.port=70000"], "server.port=70000"),
+        (["server.on_deadline=retry"], "server.on_deadline='retry'"),
+        (["server.eta=fast"], "server.eta='fast'"),
+        (["server.project_conflicts=yes"], "server.project_conflicts='yes'"),
+        (["server.min_clients=true"], "server.min_clients=True"),
+        (["server.min_client=3"], "unknown key"),
     ],
 )
-def test_bad_values_are_named(kw: dict, named: str) -> None:
+def test_bad_values_are_named(keys: list[str], named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace("[", r"\[")):
-        ServerConfig(**kw)
+        load_config(None, keys)
 
 
-def test_toml_then_overrides_then_explicit(tmp_path: Path) -> None:
-    cfg_file = tmp_path / "server.toml"
+def test_the_server_reads_the_run_config_of_simulate(tmp_path: Path) -> None:
+    """One file for every side: the same sections, then --set overrides on top."""
+    cfg_file = tmp_path / "run.toml"
     cfg_file.write_text(
-        'strategy = "flexlora"\nmin_clients = 4\nbeta = 0.2\nallowed_dtypes = ["float32"]\n'
+        'strategy = "flexlora"\nrounds = 3\n[server]\nmin_clients = 4\nbeta = 0.2\n'
+        'allowed_dtypes = ["float32"]\n[[group]]\nbackbone = "minilm-l3"\ncount = 6\n'
     )
-    cfg = load_config(
-        cfg_file, ["beta=0.7", "project_conflicts=true", "strategy=fedavg"], port=9000, host=None
+    run = load_config(
+        cfg_file, ["server.beta=0.7", "server.project_conflicts=true", "strategy=fedavg-lora"]
     )
-    assert (cfg.strategy, cfg.min_clients, cfg.beta, cfg.project_conflicts) == (
-        "fedavg",
+    assert (run.strategy, run.rounds, run.server.min_clients, run.quorum) == (
+        "fedavg-lora",
+        3,
         4,
-        0.7,
-        True,
+        4,
     )
-    assert cfg.port == 9000 and cfg.host == "127.0.0.1" and cfg.allowed_dtypes == ("float32",)
-    assert parse_override("eta=2") == ("eta", 2)
-    with pytest.raises(ConfigError, match="unknown config keys"):
-        load_config(None, ["min_client=3"])
-    with pytest.raises(ConfigError, match="key=value"):
-        parse_override("min_clients")
-    (tmp_path / "nested.toml").write_text("[server]\nport = 1\n")
-    with pytest.raises(ConfigError, match="flat"):
-        load_config(tmp_path / "nested.toml")
+    assert (run.server.beta, run.server.project_conflicts) == (0.7, True)
+    assert run.server.host == "127.0.0.1" and run.server.allowed_dtypes == ("float32",)
+    assert load_config(cfg_file, ["server.min_clients=0"]).quorum == 6  # 0: every declared client
+    assert parse_override("server.eta=2") == (["server", "eta"], 2)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("server.min_clients")
+    (tmp_path / "flat.toml").write_text("min_clients = 1\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(tmp_path / "flat.toml")
+
+
+def test_quorum_zero_without_groups_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"server\.min_clients=0 means every client"):
+        _ = load_config(None, []).quorum
 
 
 def test_tls_warning_only_beyond_loopback_without_tls() -> None:
@@ -87,17 +97,25 @@ def test_register_cli_adds_server_subcommand(
 ) -> None:
     parser = argparse.ArgumentParser(prog="edgetune")
     register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["server", "--state", str(tmp_path), "--set", "beta=2.0"])
-    assert args.func is run_from_args and args.overrides == ["beta=2.0"]
+    args = parser.parse_args(["server", "--state", str(tmp_path), "--set", "server.beta=2.0"])
+    assert args.func is run_from_args and args.overrides == ["server.beta=2.0"]
     monkeypatch.setenv("EDGETUNE_JOIN_TOKEN", "env-token-0123456789")
-    assert args.func(args) == 2  # beta=2.0 is rejected before anything starts
+    assert args.func(args) == 2  # server.beta=2.0 is rejected before anything starts
     assert not (tmp_path / "server.sqlite3").exists()
 
 
 def test_module_entry_point_rejects_missing_token(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "EDGETUNE_JOIN_TOKEN": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "edgetune.server", "--state", str(tmp_path / "s")],
+        [
+            sys.executable,
+            "-m",
+            "edgetune.server",
+            "--state",
+            str(tmp_path / "s"),
+            "--set",
+            "server.min_clients=2",
+        ],
         capture_output=True,
         text=True,
         env=env,

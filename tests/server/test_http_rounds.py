@@ -124,7 +124,7 @@ def test_deadline_extends_then_abandons(live_server) -> None:
 
 
 def test_abandon_policy(live_server) -> None:
-    srv = live_server(min_clients=2, round_timeout_s=0.2, on_deadline="abandon", max_rounds=1)
+    srv = live_server(min_clients=2, round_timeout_s=0.2, on_deadline="abandon", rounds=1)
     a = ApiClient(srv.url, small_spec())
     deadline = time.time() + 10
     while srv.storage.rounds()[0].state != "abandoned":

@@ -21,12 +21,13 @@ from edgetune.strategies.aggregation import ClientUpdate, fedadapter
 from .conftest import JOIN_TOKEN, ApiClient, random_update, small_spec, wait_for_round
 
 SETTINGS = [
-    "min_clients=3",
-    "tick_s=0.05",
+    "server.min_clients=3",
+    "server.tick_s=0.05",
     "seed=11",
-    "beta=0.5",
-    "eta=0.9",
-    "project_conflicts=true",
+    "rounds=1000",
+    "server.beta=0.5",
+    "server.eta=0.9",
+    "server.project_conflicts=true",
 ]
 
 
@@ -189,6 +190,8 @@ def test_tls_with_certfile_and_keyfile(tmp_path: Path) -> None:
         str(tmp_path / "s"),
         "--port",
         str(port),
+        "--set",
+        "server.min_clients=2",
     ]
     args += ["--certfile", str(cert), "--keyfile", str(key)]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

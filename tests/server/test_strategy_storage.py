@@ -8,11 +8,13 @@ import pytest
 import torch
 from edgetune.server.storage import BlobStore, Storage
 
+from edgetune.errors import ConfigError
 from edgetune.protocol import initial_tensors
+from edgetune.strategies import NAMES, STRATEGIES, make_strategy
 from edgetune.strategies.aggregation import ClientUpdate
-from edgetune.strategies.base import GLOBAL, family_model, make_strategy
+from edgetune.strategies.base import GLOBAL, family_model
 
-from .conftest import random_update, small_spec
+from .conftest import random_update, server_run, small_spec
 
 
 def _state(spec):  # type: ignore[no-untyped-def]
@@ -22,7 +24,7 @@ def _state(spec):  # type: ignore[no-untyped-def]
 
 def test_fedadapter_strategy_skips_bad_replies() -> None:
     spec = small_spec()
-    strat = make_strategy("fedadapter", beta=1.0, eta=1.0)
+    strat = make_strategy(server_run(strategy="fedadapter", beta=1.0, eta=1.0))
     good = ClientUpdate("c1", spec.family, 4, random_update(spec, 1))
     nan = random_update(spec, 2)
     nan["family.layer0.D"][0, 0] = float("nan")
@@ -42,13 +44,24 @@ def test_fedadapter_strategy_skips_bad_replies() -> None:
 
 def test_strategy_configure_round_and_spec_checks() -> None:
     spec = small_spec()
-    fa = make_strategy("fedadapter")
+    fa = make_strategy(server_run(strategy="fedadapter"))
     assert fa.configure_round(1)["fetch"] == ["global", "family"]
     assert fa.check_spec(spec, None) is None
     assert "rank" in (fa.check_spec(small_spec(rank=2), spec) or "")
-    assert "kind" in (make_strategy("hetlora").check_spec(spec, None) or "")
-    with pytest.raises(ValueError, match="unknown strategy"):
-        make_strategy("scaffold")
+    assert "kind" in (make_strategy(server_run(strategy="hetlora")).check_spec(spec, None) or "")
+    with pytest.raises(ConfigError, match="strategy='scaffold': allowed values are"):
+        server_run(strategy="scaffold")
+
+
+def test_the_registry_is_the_only_list_of_names() -> None:
+    """Each server-side strategy answers to its registry name; local has no server side."""
+    assert NAMES == ("fedadapter", "fedavg-lora", "hetlora", "flexlora", "flora", "local")
+    for name, entry in STRATEGIES.items():
+        if entry.federated:
+            assert entry.server_class().name == name
+            assert entry.server_class().kind == entry.adapter
+    with pytest.raises(ConfigError, match="runs without a server"):
+        make_strategy(server_run(strategy="local"))
 
 
 def test_blob_store_atomic_and_idempotent(tmp_path: Path) -> None:
@@ -75,33 +88,31 @@ def test_transaction_rolls_back(tmp_path: Path) -> None:
 
 
 def test_restart_removes_only_unreferenced_blobs(tmp_path: Path) -> None:
-    from edgetune.server.config import ServerConfig
     from edgetune.server.rounds import Coordinator
 
-    from .conftest import JOIN_TOKEN
+    from .conftest import JOIN_TOKEN, server_run
 
     st = Storage(tmp_path / "s")
-    coord = Coordinator(ServerConfig(), st, JOIN_TOKEN)
+    coord = Coordinator(server_run(), st, JOIN_TOKEN)
     coord.register(JOIN_TOKEN, small_spec().to_dict(), "fp32")
     kept = sorted(p.name for p in st.blobs.root.iterdir())
     orphan = st.blobs.put(b"written, then the server died before the commit")
     st.close()
     st = Storage(tmp_path / "s")
-    Coordinator(ServerConfig(), st, JOIN_TOKEN)
+    Coordinator(server_run(), st, JOIN_TOKEN)
     assert sorted(p.name for p in st.blobs.root.iterdir()) == kept
     assert not st.blobs.path(orphan).exists()
     st.close()
 
 
 def test_round_interrupted_while_aggregating_is_aggregated_on_restart(tmp_path: Path) -> None:
-    from edgetune.server.config import ServerConfig
     from edgetune.server.rounds import Coordinator
 
     from edgetune.protocol import encode_update
 
-    from .conftest import JOIN_TOKEN
+    from .conftest import JOIN_TOKEN, server_run
 
-    cfg = ServerConfig(min_clients=2)
+    cfg = server_run(min_clients=2)
     st = Storage(tmp_path / "s")
     coord = Coordinator(cfg, st, JOIN_TOKEN)
     spec = small_spec()
