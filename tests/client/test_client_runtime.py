@@ -1,5 +1,6 @@
 """The client runtime against a real server process: resume after a restart, retries, errors."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -12,9 +13,9 @@ import httpx
 import pytest
 import torch
 
-from edgetune.client.runtime import ClientRuntime, ClientSettings, ShardSpec
+from edgetune.client.runtime import ClientRuntime
 from edgetune.client.transport import ServerClient, ServerError
-from edgetune.config import AdapterConfig, TrainConfig
+from edgetune.config import AdapterConfig, ClientConfig, DataConfig, RunConfig, TrainConfig
 
 JOIN = "client-runtime-test-join-token-000"
 
@@ -37,9 +38,9 @@ def server(tmp_path):
         "--port",
         str(port),
         "--set",
-        "min_clients=1",
+        "server.min_clients=1",
         "--set",
-        "max_rounds=2",
+        "rounds=2",
     ]
     proc = subprocess.Popen(
         cmd,
@@ -60,32 +61,27 @@ def server(tmp_path):
     proc.wait()
 
 
-def _settings(url: str, state: Path, max_rounds: int) -> ClientSettings:
-    shard = ShardSpec(dataset="fortunes", categories=("computers", "food"), max_per_class=20)
-    return ClientSettings(
-        server=url,
-        join_token=JOIN,
-        backbone="tiny-bert-d32-l2",
-        state_dir=state,
-        shard=shard,
+def _config(url: str, state: Path, max_rounds: int = 0, **client) -> RunConfig:
+    keys = {"backbone": "tiny-bert-d32-l2", "poll_s": 0.1, "eval_test_at_end": False, **client}
+    return RunConfig(
+        rounds=2,
+        data=DataConfig(categories=("computers", "food"), max_per_class=20),
         adapter=AdapterConfig(rank=4, n_anchors=1),
         train=TrainConfig(batch_size=8, max_length=16),
-        max_rounds=max_rounds,
-        poll_s=0.1,
-        eval_test_at_end=False,
+        client=ClientConfig(url=url, state_dir=str(state), max_rounds=max_rounds, **keys),
     )
 
 
 def test_a_restarted_client_resumes_with_its_private_branch(server, tmp_path):
     state = tmp_path / "client"
-    first = ClientRuntime(_settings(server, state, max_rounds=1))
+    first = ClientRuntime(_config(server, state, max_rounds=1), JOIN)
     first.run()
     saved = json.loads((state / "client.json").read_text())
     assert saved["last_round"] == 1
     private = first.handle.state_dict_for("private")
     assert any(t.abs().sum() > 0 for t in private.values())  # training moved it
 
-    second = ClientRuntime(_settings(server, state, max_rounds=2))  # a new process, same dir
+    second = ClientRuntime(_config(server, state, max_rounds=2), JOIN)  # a new process, same dir
     assert second.state["client_id"] == saved["client_id"]  # no second registration
     for name, tensor in second.handle.state_dict_for("private").items():
         assert torch.equal(tensor, private[name])
@@ -117,15 +113,30 @@ def test_train_flops_of_a_quantized_client_equal_the_fp32_count(tmp_path):
     """bitsandbytes matmuls have no FLOP formula; the client counts on an fp32 copy instead."""
     counts = {}
     for quant in ("none", "nf4"):
-        settings = ClientSettings(
-            server="http://127.0.0.1:9",
-            join_token=JOIN,
-            backbone="tiny-bert-d64-l2",
-            quant=quant,
-            state_dir=tmp_path / quant,
-            adapter=AdapterConfig(rank=4),
-            shard=ShardSpec(dataset="fortunes", categories=("food", "law"), max_per_class=20),
-            train=TrainConfig(batch_size=8, max_length=16),
+        config = _config("", tmp_path / quant, backbone="tiny-bert-d64-l2", quant=quant)
+        config = dataclasses.replace(
+            config, data=DataConfig(categories=("food", "law"), max_per_class=20)
         )
-        counts[quant] = ClientRuntime(settings).train_flops_per_sample
+        counts[quant] = ClientRuntime(config).train_flops_per_sample
     assert counts["none"] > 0 and counts["nf4"] == counts["none"]
+
+
+def test_error_feedback_residual_changes_only_when_the_server_accepts(server, tmp_path):
+    """A refused upload (409) leaves the int8 residual as it was; an accepted one moves it."""
+    config = _config(server, tmp_path / "c", max_rounds=1)
+    config = dataclasses.replace(config, comm=dataclasses.replace(config.comm, compression="int8"))
+    client = ClientRuntime(config, JOIN)
+    client.register()
+    info = client.server.current_round()
+    sent_global = client.download_models(info)
+    with torch.no_grad():  # a trained-looking global branch, so its deltas are not all zero
+        for p in client.handle.named_tensors("global").values():
+            p.add_(torch.linspace(-0.3, 0.7, p.numel()).reshape(p.shape))
+    metrics = {"samples": 8}
+    wrong_round = info["upload"].replace(f"/rounds/{info['round']}/", "/rounds/99/")
+    client._upload(wrong_round, 99, sent_global, metrics)  # 409 round_closed: refused
+    assert client.error_feedback.residual == {}
+    client._upload(info["upload"], info["round"], sent_global, metrics)  # 201: accepted
+    residual = client.error_feedback.residual
+    assert set(residual) == set(client.spec.global_tensors())
+    assert any(bool(t.abs().sum() > 0) for t in residual.values())
