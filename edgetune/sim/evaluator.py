@@ -57,26 +57,9 @@ class FamilyEvaluator:
     def for_config(
         cls, config: RunConfig, url: str | None, token: str | None
     ) -> dict[str, FamilyEvaluator]:
-        """One evaluator per family (tiers of one backbone share it), registered first.
-
-        Its spec is the one the server pins for the family, so it carries the family's rank:
-        the rank every client of the family trains, or the largest one where the strategy lets
-        ranks differ within a family (HetLoRA, FlexLoRA).
-        """
-        families: dict[str, list[tuple[str, int]]] = {}
-        for group in config.groups:
-            family = load_backbone(group.backbone).spec.family
-            families.setdefault(family, []).append((group.backbone, config.client_rank(group.rank)))
-        evaluators = {}
-        for family, members in families.items():
-            ranks = sorted({rank for _, rank in members})
-            if len(ranks) > 1 and not config.strategy_def.per_client_rank:
-                raise ConfigError(
-                    f"strategy {config.strategy!r} trains one rank per family, but the "
-                    f"[[group]] tables of family {family!r} ask for ranks {ranks}"
-                )
-            evaluators[family] = cls(config, members[0][0], ranks[-1], url, token)
-        return evaluators
+        """One evaluator per family of `evaluation_plan`, registered (it pins the family)."""
+        plan = evaluation_plan(config)
+        return {f: cls(config, backbone, rank, url, token) for f, (backbone, rank) in plan.items()}
 
     def current_round(self) -> dict[str, Any]:
         return self.runtime.server.current_round()
@@ -114,3 +97,37 @@ class FamilyEvaluator:
         if private:
             zeros = {n: t.zero_() for n, t in private.items()}
             self.runtime.handle.load_group(GROUP_PRIVATE, zeros)
+
+
+def evaluation_plan(config: RunConfig) -> dict[str, tuple[str, int]]:
+    """Family -> (backbone, rank) of its evaluator; refuses ranks the strategy cannot mix.
+
+    The evaluator registers before any client, so its spec is the one the server pins for the
+    family: it carries the rank every client of the family trains, or the largest one where
+    the strategy lets ranks differ within a family (HetLoRA, FlexLoRA).
+    """
+    families: dict[str, list[tuple[str, int]]] = {}
+    family_of: dict[str, str] = {}
+    for group in config.groups:
+        if group.backbone not in family_of:
+            family_of[group.backbone] = load_backbone(group.backbone).spec.family
+        rank = config.client_rank(group.rank)
+        families.setdefault(family_of[group.backbone], []).append((group.backbone, rank))
+    check_ranks(config, families)
+    return {f: (ms[0][0], max(rank for _, rank in ms)) for f, ms in families.items()}
+
+
+def check_ranks(config: RunConfig, families: dict[str, list[tuple[str, int]]]) -> None:
+    """Per-group ranks only where the strategy allows them (`StrategyDef.rank_scope`)."""
+    scope = config.strategy_def.rank_scope
+    if scope == "client":
+        return
+    members = {f: [rank for _, rank in ms] for f, ms in families.items()}
+    if scope == "run":  # FedAdapter: the global branch is r x r in every family
+        members = {"run": [rank for ranks in members.values() for rank in ranks]}
+    for where, ranks in members.items():
+        if len(set(ranks)) > 1:
+            raise ConfigError(
+                f"strategy {config.strategy!r} trains one rank per {scope}, but the [[group]] "
+                f"tables of {where!r} ask for ranks {sorted(set(ranks))}; give them one rank"
+            )

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.config import ClientConfig, RunConfig, config_to_dict
-from edgetune.errors import EdgeTuneError
-from edgetune.sim.evaluator import FamilyEvaluator
+from edgetune.errors import ConfigError, EdgeTuneError
+from edgetune.sim.evaluator import FamilyEvaluator, evaluation_plan
 from edgetune.sim.report import RoundTable, write_plots
 
 log = logging.getLogger(__name__)
@@ -144,9 +144,12 @@ class Simulation:
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=1))
+        if not self.config.groups:
+            raise ConfigError("simulate needs at least one [[group]] table of clients")
+        evaluation_plan(self.config)  # refuses ranks the strategy cannot mix, before any start
         table = RoundTable(self.out, self.config)
         try:
-            if self.config.strategy == "local":
+            if not self.config.strategy_def.federated:
                 return self._run_local(table)
             self.start_server()
             evaluators = FamilyEvaluator.for_config(self.config, self.url, self.token)

@@ -29,7 +29,9 @@ class StrategyDef:
 
     ``adapter``: what clients train (``fedadapter`` or ``lora``). ``server``: the server-side
     class, or None for a strategy that runs without a server. ``client``: the client hooks.
-    ``per_client_rank``: whether clients of one family may train different ranks.
+    ``rank_scope``: where clients must agree on their rank: ``run`` (every client: FedAdapter's
+    global branch is r x r in every family), ``family`` (clients of one family) or ``client``
+    (each its own rank, HetLoRA-style).
     """
 
     name: str
@@ -37,7 +39,7 @@ class StrategyDef:
     summary: str
     client: str
     server: str | None = None
-    per_client_rank: bool = False
+    rank_scope: str = "family"
 
     @property
     def federated(self) -> bool:
@@ -50,6 +52,9 @@ class StrategyDef:
 
     def client_class(self) -> type:
         return _load(self.client)
+
+
+RANK_SCOPES = ("run", "family", "client")
 
 
 def _load(ref: str) -> Any:
@@ -69,6 +74,7 @@ STRATEGIES: dict[str, StrategyDef] = {
             "FedAdapter: family FedAvg + cross-family merge of the global branch",
             client=f"{_FEDADAPTER}:FedAdapterClient",
             server=f"{_FEDADAPTER}:FedAdapterStrategy",
+            rank_scope="run",
         ),
         StrategyDef(
             "fedavg-lora",
@@ -83,7 +89,7 @@ STRATEGIES: dict[str, StrategyDef] = {
             "HetLoRA: zero-pad ranks, average, truncate back",
             client=f"{_LORA}:LoraClient",
             server=f"{_LORA}:HetLoRAStrategy",
-            per_client_rank=True,
+            rank_scope="client",
         ),
         StrategyDef(
             "flexlora",
@@ -91,7 +97,7 @@ STRATEGIES: dict[str, StrategyDef] = {
             "FlexLoRA: average dense updates, per-client truncated SVD",
             client=f"{_LORA}:LoraClient",
             server=f"{_LORA}:FlexLoRAStrategy",
-            per_client_rank=True,
+            rank_scope="client",
         ),
         StrategyDef(
             "flora",
@@ -105,6 +111,7 @@ STRATEGIES: dict[str, StrategyDef] = {
             KIND_FEDADAPTER,
             "local-only training, no server (a baseline)",
             client=f"{_FEDADAPTER}:LocalClient",
+            rank_scope="client",
         ),
     )
 }

@@ -52,9 +52,13 @@ def test_tiny_run_over_http_writes_every_output(tmp_path):
             'group=[{backbone="tiny-bert-d32-l2", rank=2}, '
             '{backbone="tiny-bert-d32-l2", rank=4}, {backbone="tiny-bert-d48-l3"}]',
         ],
+        [  # per-group ranks where the family spec is pinned by the evaluator first
+            'group=[{backbone="tiny-bert-d32-l2", rank=6, count=2}, '
+            '{backbone="tiny-bert-d48-l3", rank=6}]',
+        ],
         ['comm.compression="int8"', "comm.family_every=2"],
     ],  # int8 + error feedback, partial
-    ids=["flora", "hetlora-ranks", "fedadapter-int8-family-every-2"],
+    ids=["flora", "hetlora-ranks", "fedadapter-group-ranks", "fedadapter-int8-family-every-2"],
 )
 def test_other_strategies_and_comm_knobs_run_end_to_end(tmp_path, overrides):
     summary = run_simulation(load_config(TINY, overrides), tmp_path)
@@ -119,6 +123,18 @@ def test_killing_a_client_mid_run_does_not_stop_it(tmp_path):
 def test_bad_config_values_fail_before_anything_starts(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, overrides)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "ranks", "scope"),
+    [("fedadapter", (4, 6), "run"), ("fedavg-lora", (2, 4), "family")],
+)
+def test_ranks_the_strategy_cannot_mix_are_refused_by_name(tmp_path, strategy, ranks, scope):
+    groups = ", ".join(f'{{backbone="tiny-bert-d32-l2", rank={r}}}' for r in ranks)
+    config = load_config(TINY, [f'strategy="{strategy}"', f"group=[{groups}]"])
+    with pytest.raises(ConfigError, match=f"trains one rank per {scope}"):
+        run_simulation(config, tmp_path)
+    assert not (tmp_path / "server").exists()  # refused before anything started
 
 
 def test_bad_group_quant_names_allowed_values(tmp_path):
