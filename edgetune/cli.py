@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgetune.errors import EdgeTuneError
+from edgetune.protocol.names import QUANT_MODES
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
 
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--anchors", type=int, default=2, help="global anchor slots K")
     zoo.add_argument(
         "--quant",
-        choices=("none", "int8", "nf4", "fp4"),
+        choices=QUANT_MODES,
         help="print the weight memory per dtype at this quantization next to fp32",
     )
     zoo.set_defaults(func=_cmd_zoo)

@@ -3,7 +3,15 @@
 Blobs are named by the sha256 of their bytes and written temp -> fsync -> rename -> fsync(dir),
 so a blob file either is complete or does not exist, and writing the same bytes twice is a
 no-op. Records reference blobs by hash; a blob written before a crash but never referenced is
-harmless. Every state change is one SQLite transaction (``with storage.transaction():``).
+harmless.
+
+All SQL of the server lives in this module. Reads of committed state are plain methods
+(``storage.updates(round_id)``); every state change is one SQLite transaction, and the methods
+that write take its connection::
+
+    with storage.transaction() as c:
+        storage.insert_round(c, 2, opened_at, deadline)
+        storage.bump_counter(c, "uploads", 1)
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +91,10 @@ class UpdateRecord:
     sha256: str
     nbytes: int
     metrics: dict[str, float]
+
+
+#: One ``round_metrics`` row of a round: (family, tier, key, value).
+MetricRow = tuple[str, str, str, float]
 
 
 def sha256_hex(data: bytes) -> str:
@@ -197,7 +209,7 @@ class Storage:
                 raise
             self._conn.execute("COMMIT")
 
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         """Read committed state (a transaction's own uncommitted writes are not visible)."""
         return self._reader().execute(sql, params).fetchall()
 
@@ -219,20 +231,42 @@ class Storage:
             return removed
 
     # -- meta ----------------------------------------------------------------------------
-    def get_meta(self, key: str) -> str | None:
-        rows = self.query("SELECT value FROM meta WHERE key=?", (key,))
+    def get_meta(self, key: str, conn: sqlite3.Connection | None = None) -> str | None:
+        """A meta value: committed state, or as seen inside the transaction ``conn``."""
+        rows = self._read(conn, "SELECT value FROM meta WHERE key=?", (key,))
         return rows[0]["value"] if rows else None
+
+    def put_meta(self, conn: sqlite3.Connection, key: str, value: str) -> None:
+        conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
+
+    def _read(
+        self, conn: sqlite3.Connection | None, sql: str, params: tuple[Any, ...] = ()
+    ) -> list[sqlite3.Row]:
+        return self._query(sql, params) if conn is None else conn.execute(sql, params).fetchall()
 
     # -- families and clients ------------------------------------------------------------
     def family_spec(self, family: str) -> str | None:
-        rows = self.query("SELECT spec_json FROM families WHERE family=?", (family,))
+        rows = self._query("SELECT spec_json FROM families WHERE family=?", (family,))
         return rows[0]["spec_json"] if rows else None
 
     def families(self) -> list[str]:
-        return [r["family"] for r in self.query("SELECT family FROM families ORDER BY family")]
+        return [r["family"] for r in self._query("SELECT family FROM families ORDER BY family")]
+
+    def pin_family(
+        self, conn: sqlite3.Connection, family: str, spec_json: str, family_key: str
+    ) -> None:
+        conn.execute(
+            "INSERT INTO families VALUES (?, ?, ?, ?)", (family, spec_json, family_key, now())
+        )
+
+    def insert_client(self, conn: sqlite3.Connection, rec: ClientRecord, token_hash: str) -> None:
+        conn.execute(
+            "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rec.client_id, token_hash, rec.family, rec.tier, rec.spec_json, rec.spec_hash, now()),
+        )
 
     def client_by_token_hash(self, token_hash: str) -> tuple[ClientRecord, str] | None:
-        rows = self.query("SELECT * FROM clients WHERE token_hash=?", (token_hash,))
+        rows = self._query("SELECT * FROM clients WHERE token_hash=?", (token_hash,))
         if not rows:
             return None
         r = rows[0]
@@ -240,7 +274,24 @@ class Storage:
         return rec, r["token_hash"]
 
     def count_clients(self) -> int:
-        return int(self.query("SELECT COUNT(*) AS n FROM clients")[0]["n"])
+        return int(self._query("SELECT COUNT(*) AS n FROM clients")[0]["n"])
+
+    def clients_by_tier(self) -> list[tuple[str, str, int]]:
+        """(family, tier, number of clients), ordered by family and tier."""
+        rows = self._query(
+            "SELECT family, tier, COUNT(*) AS n FROM clients GROUP BY family, tier "
+            "ORDER BY family, tier"
+        )
+        return [(r["family"], r["tier"], int(r["n"])) for r in rows]
+
+    def specs_of(self, client_ids: Iterable[str]) -> dict[str, str]:
+        """client id -> registered spec JSON, for the ids given (unknown ids are left out)."""
+        ids = sorted(set(client_ids))
+        marks = ",".join("?" * len(ids))
+        rows = self._query(
+            f"SELECT client_id, spec_json FROM clients WHERE client_id IN ({marks})", tuple(ids)
+        )
+        return {r["client_id"]: r["spec_json"] for r in rows}
 
     # -- rounds --------------------------------------------------------------------------
     @staticmethod
@@ -256,13 +307,55 @@ class Storage:
             summary,
         )
 
-    def latest_round(self) -> RoundRecord | None:
-        rows = self.query("SELECT * FROM rounds ORDER BY round_id DESC LIMIT 1")
+    def latest_round(self, conn: sqlite3.Connection | None = None) -> RoundRecord | None:
+        rows = self._read(conn, "SELECT * FROM rounds ORDER BY round_id DESC LIMIT 1")
         return self._round(rows[0]) if rows else None
 
     def rounds(self) -> list[RoundRecord]:
-        return [self._round(r) for r in self.query("SELECT * FROM rounds ORDER BY round_id")]
+        return [self._round(r) for r in self._query("SELECT * FROM rounds ORDER BY round_id")]
 
+    def insert_round(
+        self, conn: sqlite3.Connection, round_id: int, opened_at: float, deadline: float
+    ) -> None:
+        conn.execute(
+            "INSERT INTO rounds(round_id, state, opened_at, deadline) VALUES (?, 'open', ?, ?)",
+            (round_id, opened_at, deadline),
+        )
+
+    def mark_round_state(
+        self, conn: sqlite3.Connection, round_id: int, state: str, only_from: str | None = None
+    ) -> None:
+        """Set a round's state (only when it is in state ``only_from``, if given)."""
+        if state not in ROUND_STATES:
+            raise ValueError(f"unknown round state {state!r}")
+        sql, params = "UPDATE rounds SET state=? WHERE round_id=?", (state, round_id)
+        if only_from is not None:
+            sql, params = sql + " AND state=?", (*params, only_from)
+        conn.execute(sql, params)
+
+    def end_round(
+        self,
+        conn: sqlite3.Connection,
+        round_id: int,
+        state: str,
+        summary: Mapping[str, Any],
+        closed_at: float | None = None,
+    ) -> None:
+        """Close (``closed``) or abandon (``abandoned``) a round with its summary."""
+        if state not in ("closed", "abandoned"):
+            raise ValueError(f"a round ends closed or abandoned, not {state!r}")
+        conn.execute(
+            "UPDATE rounds SET state=?, closed_at=?, summary_json=? WHERE round_id=?",
+            (state, now() if closed_at is None else closed_at, json.dumps(summary), round_id),
+        )
+
+    def extend_round(self, conn: sqlite3.Connection, round_id: int, deadline: float) -> None:
+        conn.execute(
+            "UPDATE rounds SET deadline=?, extensions=extensions+1 WHERE round_id=?",
+            (deadline, round_id),
+        )
+
+    # -- updates -------------------------------------------------------------------------
     @staticmethod
     def _update(r: sqlite3.Row) -> UpdateRecord:
         return UpdateRecord(
@@ -278,52 +371,84 @@ class Storage:
 
     def updates(self, round_id: int) -> list[UpdateRecord]:
         """A round's updates ordered by content hash (independent of arrival and client ids)."""
-        rows = self.query(
+        rows = self._query(
             "SELECT * FROM updates WHERE round_id=? ORDER BY sha256, client_id", (round_id,)
         )
         return [self._update(r) for r in rows]
 
     def update_of(self, round_id: int, client_id: str) -> UpdateRecord | None:
-        rows = self.query(
+        rows = self._query(
             "SELECT * FROM updates WHERE round_id=? AND client_id=?", (round_id, client_id)
         )
         return self._update(rows[0]) if rows else None
 
-    def count_updates(self, round_id: int) -> int:
-        return int(
-            self.query("SELECT COUNT(*) AS n FROM updates WHERE round_id=?", (round_id,))[0]["n"]
-        )
+    def count_updates(self, round_id: int, conn: sqlite3.Connection | None = None) -> int:
+        rows = self._read(conn, "SELECT COUNT(*) AS n FROM updates WHERE round_id=?", (round_id,))
+        return int(rows[0]["n"])
+
+    def insert_update(self, conn: sqlite3.Connection, rec: UpdateRecord) -> None:
+        conn.execute(
+            "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (rec.round_id, rec.client_id, rec.family, rec.tier, rec.num_samples, rec.sha256,
+             rec.nbytes, json.dumps(rec.metrics, sort_keys=True), now()),
+        )  # fmt: skip
 
     # -- models --------------------------------------------------------------------------
     def latest_model(self, name: str, as_of: int | None = None) -> tuple[int, str] | None:
         """(version, sha256) of the newest model ``name``, or the newest with version <= as_of."""
         bound = (1 << 62) if as_of is None else as_of
-        rows = self.query(
+        rows = self._query(
             "SELECT version, sha256 FROM models WHERE name=? AND version<=? "
             "ORDER BY version DESC LIMIT 1",
             (name, bound),
         )
         return (rows[0]["version"], rows[0]["sha256"]) if rows else None
 
+    def put_model_row(
+        self,
+        conn: sqlite3.Connection,
+        name: str,
+        version: int,
+        digest: str,
+        nbytes: int,
+        *,
+        replace: bool = False,
+    ) -> None:
+        """Record model ``name`` at ``version`` (its blob is already stored)."""
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        conn.execute(f"{verb} INTO models VALUES (?, ?, ?, ?)", (name, version, digest, nbytes))
+
+    # -- per-round metrics ---------------------------------------------------------------
+    def write_round_metrics(
+        self, conn: sqlite3.Connection, round_id: int, rows: Iterable[MetricRow]
+    ) -> None:
+        conn.executemany(
+            "INSERT OR REPLACE INTO round_metrics VALUES (?, ?, ?, ?, ?)",
+            [(round_id, *row) for row in rows],
+        )
+
+    def round_metrics_rows(self) -> list[tuple[int, str, str, str, float]]:
+        """(round, family, tier, key, value) ordered by round, family, tier and key."""
+        rows = self._query("SELECT * FROM round_metrics ORDER BY round_id, family, tier, key")
+        return [(r["round_id"], r["family"], r["tier"], r["key"], r["value"]) for r in rows]
+
+    # -- counters ------------------------------------------------------------------------
     def counter(self, key: str) -> int:
-        rows = self.query("SELECT value FROM counters WHERE key=?", (key,))
+        rows = self._query("SELECT value FROM counters WHERE key=?", (key,))
         return int(rows[0]["value"]) if rows else 0
 
+    def bump_counter(self, conn: sqlite3.Connection, key: str, delta: int) -> None:
+        """Add ``delta`` to a counter inside the caller's transaction."""
+        conn.execute(
+            "INSERT INTO counters(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = value + ?",
+            (key, delta, delta),
+        )
+
     def add_counter(self, key: str, delta: int) -> None:
+        """Add ``delta`` to a counter in a transaction of its own."""
         with self.transaction() as c:
-            _bump(c, key, delta)
-
-
-def _bump(conn: sqlite3.Connection, key: str, delta: int) -> None:
-    conn.execute(
-        "INSERT INTO counters(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + ?",
-        (key, delta, delta),
-    )
-
-
-def bump_counter(conn: sqlite3.Connection, key: str, delta: int) -> None:
-    """Add ``delta`` to a counter inside the caller's transaction."""
-    _bump(conn, key, delta)
+            self.bump_counter(c, key, delta)
 
 
 def now() -> float:

@@ -47,6 +47,13 @@ def check_number(key: str, value: Any, low: float, high: float = math.inf, *, op
     check(ok, key, value, f"must be a finite number in {bound}, {high}]")
 
 
+def check_tier(section: str, backbone: str, quant: str, rank: int) -> None:
+    """The keys a ``[client]`` and a ``[[group]]`` share: backbone, quant and rank."""
+    check(bool(backbone), f"{section}.backbone", backbone, "must name a backbone")
+    check(quant in QUANT_MODES, f"{section}.quant", quant, f"allowed values are {QUANT_MODES}")
+    check_int(f"{section}.rank", rank, 0, 512)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "fortunes"
@@ -249,10 +256,7 @@ class ClientConfig:
     eval_test_at_end: bool = True
 
     def __post_init__(self) -> None:
-        check(bool(self.backbone), "client.backbone", self.backbone, "must name a backbone")
-        check(self.quant in QUANT_MODES, "client.quant", self.quant,
-              f"allowed values are {QUANT_MODES}")  # fmt: skip
-        check_int("client.rank", self.rank, 0, 512)
+        check_tier("client", self.backbone, self.quant, self.rank)
         check_int("client.shards", self.shards, 1, 100_000)
         check_int("client.shard", self.shard, 0, self.shards - 1)
         check_int("client.max_rounds", self.max_rounds, 0, 1_000_000)
@@ -276,11 +280,8 @@ class ClientGroup:
     rank: int = 0  # 0: the run's adapter/LoRA rank; HetLoRA tiers set their own
 
     def __post_init__(self) -> None:
-        check(bool(self.backbone), "group.backbone", self.backbone, "must name a backbone")
-        check(self.quant in QUANT_MODES, "group.quant", self.quant,
-              f"allowed values are {QUANT_MODES}")  # fmt: skip
+        check_tier("group", self.backbone, self.quant, self.rank)
         check_int("group.count", self.count, 1, 64)
-        check_int("group.rank", self.rank, 0, 128)
 
     @property
     def tier(self) -> str:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from edgetune.errors import ConfigError
 
-if sys.version_info >= (3, 11):
+try:
     import tomllib
-else:  # Python 3.10 (JetPack 6): the `tomli` backport, declared in pyproject.toml
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6): the backport, declared in pyproject.toml
     import tomli as tomllib
 
 __all__ = ["apply_override", "parse_override", "read_toml", "tomllib"]

@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from edgetune.errors import ZooError
+from edgetune.protocol.names import QUANT_MODES
 
 if TYPE_CHECKING:
     from edgetune.models.zoo import Backbone
 
 log = logging.getLogger(__name__)
 
-QUANT_MODES = ("none", "int8", "nf4", "fp4")
 FALLBACK_ORDER: dict[str, tuple[str, ...]] = {
     "nf4": ("nf4", "int8", "none"),
     "fp4": ("fp4", "int8", "none"),
@@ -43,7 +43,7 @@ FALLBACK_ORDER: dict[str, tuple[str, ...]] = {
     "none": ("none",),
 }
 # Submodules kept full precision although they hold linears: task heads and the BERT pooler.
-HEAD_NAMES = frozenset({"lm_head", "pooler", "classifier", "score", "head", "qa_outputs"})
+HEAD_MODULES = frozenset({"lm_head", "pooler", "classifier", "score", "head", "qa_outputs"})
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The probe must reproduce an fp32 matmul and its input gradient at least this well.
 PROBE_MIN_COSINE = 0.9
@@ -140,7 +140,7 @@ def quantizable_linears(model: nn.Module) -> list[str]:
     for path, module in model.named_modules():
         if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
             continue
-        if HEAD_NAMES.intersection(path.split(".")):
+        if HEAD_MODULES.intersection(path.split(".")):
             continue
         found.append(path)
     return found

@@ -26,6 +26,12 @@ log = logging.getLogger("edgetune.server")
 
 GLOBAL = "global"
 
+#: The verbs' argument types: stored models by name, the round's replies, each client's spec.
+State = Mapping[str, TensorDict]
+Replies = Sequence[ClientUpdate]
+Specs = Mapping[str, AdapterSpec]
+Models = dict[str, TensorDict]
+
 
 def family_model(family: str) -> str:
     return f"family/{family}"
@@ -103,11 +109,7 @@ class Strategy(ABC):
         return tensors
 
     def aggregate_round(
-        self,
-        round_id: int,
-        state: Mapping[str, TensorDict],
-        updates: Sequence[ClientUpdate],
-        specs: Mapping[str, AdapterSpec],
+        self, round_id: int, state: State, updates: Replies, specs: Specs
     ) -> RoundResult:
         valid, skipped = [], []
         for u in updates:
@@ -130,11 +132,5 @@ class Strategy(ABC):
         return RoundResult(models, skipped, summary)
 
     @abstractmethod
-    def aggregate(
-        self,
-        round_id: int,
-        state: Mapping[str, TensorDict],
-        updates: Sequence[ClientUpdate],
-        specs: Mapping[str, AdapterSpec],
-    ) -> dict[str, TensorDict]:
+    def aggregate(self, round_id: int, state: State, updates: Replies, specs: Specs) -> Models:
         """Valid replies -> changed model entries."""

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from edgetune.protocol import KIND_FEDADAPTER, AdapterSpec
 from edgetune.strategies import aggregation as agg
-from edgetune.strategies.aggregation import ClientUpdate, TensorDict
-from edgetune.strategies.base import GLOBAL, Strategy, family_model
+from edgetune.strategies.base import GLOBAL, Models, Replies, Specs, State, Strategy, family_model
 from edgetune.strategies.hooks import ClientHooks
 
 if TYPE_CHECKING:
@@ -38,13 +36,7 @@ class FedAdapterStrategy(Strategy):
             return f"rank {spec.rank} != family rank {pinned.rank}"
         return reason
 
-    def aggregate(
-        self,
-        round_id: int,
-        state: Mapping[str, TensorDict],
-        updates: Sequence[ClientUpdate],
-        specs: Mapping[str, AdapterSpec],
-    ) -> dict[str, TensorDict]:
+    def aggregate(self, round_id: int, state: State, updates: Replies, specs: Specs) -> Models:
         res = agg.fedadapter(
             state[GLOBAL],
             updates,

@@ -7,26 +7,20 @@ clients' ranks (and so their scalings) differ; the client hooks convert both way
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from edgetune.protocol import GROUP_HEAD, GROUP_LORA, KIND_LORA, AdapterSpec, lora_name
 from edgetune.strategies import aggregation as agg
 from edgetune.strategies.aggregation import ClientUpdate, TensorDict, truncate_lora
-from edgetune.strategies.base import Strategy, family_model
+from edgetune.strategies.base import Models, Replies, Specs, State, Strategy, family_model
 from edgetune.strategies.hooks import ClientHooks
 
 
 class _PerFamily(Strategy):
     kind = KIND_LORA
 
-    def aggregate(
-        self,
-        round_id: int,
-        state: Mapping[str, TensorDict],
-        updates: Sequence[ClientUpdate],
-        specs: Mapping[str, AdapterSpec],
-    ) -> dict[str, TensorDict]:
+    def aggregate(self, round_id: int, state: State, updates: Replies, specs: Specs) -> Models:
         return {
             family_model(m): self.aggregate_family(us)
             for m, us in agg.group_by_family(updates).items()
