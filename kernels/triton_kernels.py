@@ -319,36 +319,11 @@ def _input_backward(
 
 @triton.jit
 def _fused_adapter_bwd_kernel(
-    x_ptr,
-    D_ptr,
-    bD_ptr,
-    C_ptr,
-    q_ptr,
-    alpha_ptr,
-    U_ptr,
-    g_ptr,
-    dx_ptr,
-    pD_ptr,
-    pbD_ptr,
-    pC_ptr,
-    pq_ptr,
-    pU_ptr,
-    pbU_ptr,
-    dalpha_ptr,
-    T,
-    K,
-    R,
-    N,
-    n_branch,
-    stride_at,
-    scale,
-    need_dx,
-    BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    R_PAD: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-):
+    x_ptr, D_ptr, bD_ptr, C_ptr, q_ptr, alpha_ptr, U_ptr, g_ptr, dx_ptr, pD_ptr, pbD_ptr,
+    pC_ptr, pq_ptr, pU_ptr, pbU_ptr, dalpha_ptr, T, K, R, N, n_branch, stride_at, scale,
+    need_dx, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     rk = tl.arange(0, R_PAD)
@@ -365,86 +340,26 @@ def _fused_adapter_bwd_kernel(
         rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         row_mask = rows < T
         h = _hidden_tile(
-            x_ptr,
-            D_ptr,
-            bD_ptr,
-            rows,
-            row_mask,
-            rk,
-            r_mask,
-            K,
-            R,
-            BLOCK_T,
-            BLOCK_K,
-            R_PAD,
-            DOT_DTYPE,
-        )
+            x_ptr, D_ptr, bD_ptr, rows, row_mask, rk, r_mask, K, R, BLOCK_T, BLOCK_K, R_PAD,
+            DOT_DTYPE
+        )  # fmt: skip
         z = _gelu(h)
         u = _mix_tile(
-            z,
-            C_ptr,
-            q_ptr,
-            alpha_ptr,
-            rows,
-            row_mask,
-            rk,
-            r_mask,
-            R,
-            n_branch,
-            stride_at,
-            DOT_DTYPE,
-        )
+            z, C_ptr, q_ptr, alpha_ptr, rows, row_mask, rk, r_mask, R, n_branch, stride_at,
+            DOT_DTYPE
+        )  # fmt: skip
         du = _out_backward(
-            u.to(DOT_DTYPE),
-            g_ptr,
-            U_ptr,
-            pU_ptr,
-            pbU_ptr,
-            rows,
-            row_mask,
-            rk,
-            r_mask,
-            N,
-            scale,
-            BLOCK_T,
-            BLOCK_N,
-            R_PAD,
-            DOT_DTYPE,
-        )
+            u.to(DOT_DTYPE), g_ptr, U_ptr, pU_ptr, pbU_ptr, rows, row_mask, rk, r_mask, N,
+            scale, BLOCK_T, BLOCK_N, R_PAD, DOT_DTYPE
+        )  # fmt: skip
         dz = _mix_backward(
-            z,
-            du,
-            C_ptr,
-            q_ptr,
-            alpha_ptr,
-            pC_ptr,
-            pq_ptr,
-            dalpha_ptr,
-            rows,
-            row_mask,
-            rk,
-            r_mask,
-            R,
-            n_branch,
-            stride_at,
-            DOT_DTYPE,
-        )
+            z, du, C_ptr, q_ptr, alpha_ptr, pC_ptr, pq_ptr, dalpha_ptr, rows, row_mask, rk,
+            r_mask, R, n_branch, stride_at, DOT_DTYPE
+        )  # fmt: skip
         dh = dz * _gelu_grad(h)
         pbd = tl.load(pbD_ptr + rk, mask=r_mask, other=0.0)
         tl.store(pbD_ptr + rk, pbd + tl.sum(dh, axis=0), mask=r_mask)
         _input_backward(
-            dh,
-            x_ptr,
-            D_ptr,
-            dx_ptr,
-            pD_ptr,
-            rows,
-            row_mask,
-            rk,
-            r_mask,
-            K,
-            R,
-            need_dx,
-            BLOCK_K,
-            DOT_DTYPE,
-        )
+            dh, x_ptr, D_ptr, dx_ptr, pD_ptr, rows, row_mask, rk, r_mask, K, R, need_dx,
+            BLOCK_K, DOT_DTYPE
+        )  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import metadata
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,7 +18,6 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import edgetune
 from edgetune.protocol import PROTOCOL_VERSION
 from edgetune.strategies.base import GLOBAL, family_model
 
@@ -40,6 +40,17 @@ _BINARY_RESPONSE: dict[int | str, dict[str, Any]] = {
         "description": "safetensors",
     }
 }
+
+
+def package_version() -> str:
+    """The installed edgetune version (the server never imports the package's root)."""
+    try:
+        return metadata.version("edgetune")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+VERSION = package_version()
 
 
 class RegisterRequest(BaseModel):
@@ -113,7 +124,7 @@ def create_app(coord: Coordinator, *, run_scheduler: bool = True) -> FastAPI:
 
     app = FastAPI(
         title="EdgeTune aggregation server",
-        version=edgetune.__version__,
+        version=VERSION,
         openapi_url="/v1/openapi.json",
         docs_url="/v1/docs",
         redoc_url=None,
@@ -146,26 +157,35 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _install_routes(app: FastAPI, coord: Coordinator) -> None:
-    async def client_of(request: Request) -> ClientRecord:
-        return await run_in_threadpool(coord.authenticate, _bearer(request))
+    """Every route, in the order the OpenAPI document lists them."""
+    _install_client_routes(app, coord)
+    _install_model_routes(app, coord)
+    _install_upload_and_status_routes(app, coord)
 
+
+async def _client_of(coord: Coordinator, request: Request) -> ClientRecord:
+    return await run_in_threadpool(coord.authenticate, _bearer(request))
+
+
+_REGISTER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": RegisterRequest.model_json_schema()}},
+    }
+}
+
+
+def _install_client_routes(app: FastAPI, coord: Coordinator) -> None:
     @app.get("/v1/health", tags=["meta"])
     async def health() -> dict[str, Any]:
         """Liveness: no auth, no state access beyond the process."""
-        return {"status": "ok", "protocol": PROTOCOL_VERSION, "version": edgetune.__version__}
-
-    register_body = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": RegisterRequest.model_json_schema()}},
-        }
-    }
+        return {"status": "ok", "protocol": PROTOCOL_VERSION, "version": VERSION}
 
     @app.post(
         "/v1/register",
         status_code=201,
         response_model=RegisterResponse,
-        openapi_extra=register_body,
+        openapi_extra=_REGISTER_BODY,
         tags=["clients"],
     )
     async def register(request: Request) -> dict[str, Any]:
@@ -177,13 +197,15 @@ def _install_routes(app: FastAPI, coord: Coordinator) -> None:
     @app.get("/v1/rounds/current", tags=["rounds"])
     async def current_round(request: Request) -> dict[str, Any]:
         """The current round: state, deadline, what to download and where to upload."""
-        client = await client_of(request)
+        client = await _client_of(coord, request)
         return await run_in_threadpool(coord.round_info, client)
 
+
+def _install_model_routes(app: FastAPI, coord: Coordinator) -> None:
     @app.get("/v1/global", response_class=Response, responses=_BINARY_RESPONSE, tags=["models"])
     async def download_global(request: Request, version: int | None = None) -> Response:
         """Global branch (``global.*``) as safetensors: latest, or as of round ``version``."""
-        client = await client_of(request)
+        client = await _client_of(coord, request)
         data, version = await run_in_threadpool(coord.download, GLOBAL, client, version)
         return Response(data, media_type=OCTET, headers={"X-EdgeTune-Version": str(version)})
 
@@ -197,17 +219,19 @@ def _install_routes(app: FastAPI, coord: Coordinator) -> None:
         family: str, request: Request, version: int | None = None
     ) -> Response:
         """Family bundle (``family.*`` / ``lora.*``): latest, or as of round ``version``."""
-        client = await client_of(request)
+        client = await _client_of(coord, request)
         name = family_model(family)
         data, version = await run_in_threadpool(coord.download, name, client, version)
         return Response(data, media_type=OCTET, headers={"X-EdgeTune-Version": str(version)})
 
+
+def _install_upload_and_status_routes(app: FastAPI, coord: Coordinator) -> None:
     @app.put(
         "/v1/rounds/{round_id}/updates/{client_id}", openapi_extra=_BINARY_BODY, tags=["rounds"]
     )
     async def upload(round_id: int, client_id: str, request: Request) -> JSONResponse:
         """Upload this client's update for a round (201; identical retry 200; other 4xx)."""
-        client = await client_of(request)
+        client = await _client_of(coord, request)
         if client.client_id != client_id:
             raise ApiError(403, "forbidden", f"token belongs to another client, not {client_id!r}")
         body = await _read_body(request, coord.config.max_upload_bytes)

@@ -12,9 +12,9 @@ import json
 import logging
 import secrets
 import threading
-import time
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from sqlite3 import Connection
 from typing import Any
 
 from edgetune.config import RunConfig, ServerConfig
@@ -50,8 +50,21 @@ def log_event(event: str, **fields: Any) -> None:
     log.info(event, extra={"event": event, "fields": fields})
 
 
+class Txn:
+    """An open transaction: ``conn`` for Storage's writing methods, and the log events that
+    are emitted only once it has committed (none when it rolls back)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def later(self, event: str, **fields: Any) -> None:
+        """Log ``event`` after the commit."""
+        self.events.append((event, fields))
+
+
 class Registry:
-    """Auth, registration and downloads; subclasses provide ``_txn`` and ``_later``."""
+    """Auth, registration and downloads (the state is set up by ``rounds.Coordinator``)."""
 
     run: RunConfig
     config: ServerConfig
@@ -59,10 +72,17 @@ class Registry:
     strategy: Strategy
     _join_hash: str
     _lock: threading.Lock
-    _txn: Callable[[], AbstractContextManager[Any]]
-    _later: Callable[..., None]
     _counter_lock: threading.Lock
     _bytes_out_pending: int
+
+    @contextmanager
+    def _txn(self) -> Iterator[Txn]:
+        """One storage transaction whose ``later`` events are logged after the commit."""
+        with self.storage.transaction() as conn:
+            txn = Txn(conn)
+            yield txn
+        for event, fields in txn.events:
+            log_event(event, **fields)
 
     # -- auth ------------------------------------------------------------------------------
     def check_join_token(self, token: str) -> None:
@@ -92,26 +112,16 @@ class Registry:
         except ProtocolError as exc:
             raise ApiError(422, exc.code, exc.message) from exc
         client_id, token = f"c-{secrets.token_hex(8)}", secrets.token_urlsafe(32)
-        with self._lock, self._txn() as c:
+        record = ClientRecord(client_id, spec.family, tier, spec.to_json(), spec.spec_hash)
+        with self._lock, self._txn() as txn:
             pinned_json = self.storage.family_spec(spec.family)
             pinned = AdapterSpec.from_json(pinned_json) if pinned_json else None
             reason = self.strategy.check_spec(spec, pinned)
             if reason is not None:
                 raise ApiError(409 if pinned else 422, "spec_mismatch", reason)
             if pinned is None:
-                self._pin_family(c, spec)
-            c.execute(
-                "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    client_id,
-                    hash_token(token),
-                    spec.family,
-                    tier,
-                    spec.to_json(),
-                    spec.spec_hash,
-                    time.time(),
-                ),
-            )
+                self._pin_family(txn, spec)
+            self.storage.insert_client(txn.conn, record, hash_token(token))
         log_event("client_registered", client=client_id, family=spec.family, tier=tier)
         return {
             "client_id": client_id,
@@ -121,26 +131,23 @@ class Registry:
             "tier": tier,
         }
 
-    def _pin_family(self, conn: Any, spec: AdapterSpec) -> None:
+    def _pin_family(self, txn: Txn, spec: AdapterSpec) -> None:
         glob, fam = initial_tensors(spec, self.run.seed)
         if self.strategy.uses_global:
             schema = json.dumps({n: list(t.shape) for n, t in sorted(glob.items())})
-            row = conn.execute("SELECT value FROM meta WHERE key='global_schema'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta VALUES ('global_schema', ?)", (schema,))
-                self._put_model(conn, GLOBAL, 0, glob, spec=None)
-            elif row[0] != schema:
+            pinned = self.storage.get_meta("global_schema", txn.conn)
+            if pinned is None:
+                self.storage.put_meta(txn.conn, "global_schema", schema)
+                self._put_model(txn, GLOBAL, 0, glob, spec=None)
+            elif pinned != schema:
                 raise ApiError(
                     409,
                     "global_mismatch",
-                    f"global branch {schema} != pinned {row[0]} (rank/anchors)",
+                    f"global branch {schema} != pinned {pinned} (rank/anchors)",
                 )
-        conn.execute(
-            "INSERT INTO families VALUES (?, ?, ?, ?)",
-            (spec.family, spec.to_json(), spec.family_key(), time.time()),
-        )
-        self._put_model(conn, family_model(spec.family), 0, fam, spec=spec)
-        self._later("family_pinned", family=spec.family, spec_hash=spec.spec_hash)
+        self.storage.pin_family(txn.conn, spec.family, spec.to_json(), spec.family_key())
+        self._put_model(txn, family_model(spec.family), 0, fam, spec=spec)
+        txn.later("family_pinned", family=spec.family, spec_hash=spec.spec_hash)
 
     def _encode_model(
         self, name: str, version: int, tensors: TensorDict, spec: AdapterSpec | None
@@ -154,11 +161,11 @@ class Registry:
         return encode_payload(tensors, meta)
 
     def _put_model(
-        self, conn: Any, name: str, version: int, tensors: TensorDict, spec: AdapterSpec | None
+        self, txn: Txn, name: str, version: int, tensors: TensorDict, spec: AdapterSpec | None
     ) -> None:
         data = self._encode_model(name, version, tensors, spec)
         digest = self.storage.blobs.put(data)
-        conn.execute("INSERT INTO models VALUES (?, ?, ?, ?)", (name, version, digest, len(data)))
+        self.storage.put_model_row(txn.conn, name, version, digest, len(data))
 
     def _family_spec(self, name: str) -> AdapterSpec | None:
         if name == GLOBAL:

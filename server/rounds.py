@@ -10,11 +10,9 @@ simply aggregated again, deterministically).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,16 +30,13 @@ from edgetune.strategies import make_strategy
 from edgetune.strategies.aggregation import ClientUpdate, TensorDict
 from edgetune.strategies.base import GLOBAL, Strategy, family_model
 
-from .registry import Registry, hash_token, log, log_event
-from .storage import ClientRecord, RoundRecord, Storage, UpdateRecord, bump_counter, sha256_hex
+from .blobs import sha256_hex
+from .registry import Registry, Txn, hash_token, log, log_event
+from .status import build_status
+from .storage import ClientRecord, MetricRow, RoundRecord, Storage, UpdateRecord
 from .validation import ApiError, validate_update
 
 ACCEPTING = ("open", "collecting")
-
-
-class _Events(threading.local):
-    def __init__(self) -> None:
-        self.pending: list[tuple[str, dict[str, Any]]] = []
 
 
 # Consecutive failed scheduler ticks before the current round is abandoned with the error.
@@ -62,26 +57,12 @@ class Coordinator(Registry):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._events = _Events()
         self._counter_lock = threading.Lock()
         self._bytes_out_pending = 0
         self._open_first_round()
         removed = storage.collect_garbage()
         if removed:
             log_event("orphan_blobs_removed", count=removed)
-
-    # -- transactions with logs emitted only after commit ----------------------------------
-    @contextmanager
-    def _txn(self) -> Iterator[Any]:
-        self._events.pending = []
-        with self.storage.transaction() as conn:
-            yield conn
-        pending, self._events.pending = self._events.pending, []
-        for event, fields in pending:
-            log_event(event, **fields)
-
-    def _later(self, event: str, **fields: Any) -> None:
-        self._events.pending.append((event, fields))
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -118,27 +99,22 @@ class Coordinator(Registry):
         rec = self.current_round()
         if self.finished(rec):
             return
-        with self._lock, self._txn() as c:
-            summary = json.dumps({"abandoned": True, "error": error[:500]})
-            c.execute(
-                "UPDATE rounds SET state='abandoned', closed_at=?, summary_json=? WHERE round_id=?",
-                (time.time(), summary, rec.round_id),
-            )
-            self._later("round_failed", round=rec.round_id, error=error[:500])
-            self._maybe_open_next(c, rec.round_id)
+        with self._lock, self._txn() as txn:
+            summary = {"abandoned": True, "error": error[:500]}
+            self.storage.end_round(txn.conn, rec.round_id, "abandoned", summary)
+            txn.later("round_failed", round=rec.round_id, error=error[:500])
+            self._maybe_open_next(txn, rec.round_id)
 
     def _open_first_round(self) -> None:
-        with self._lock, self._txn() as c:
-            if c.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0:
-                self._insert_round(c, 1)
+        with self._lock, self._txn() as txn:
+            if self.storage.latest_round(txn.conn) is None:
+                self._insert_round(txn, 1)
 
-    def _insert_round(self, conn: Any, round_id: int) -> None:
+    def _insert_round(self, txn: Txn, round_id: int) -> None:
         t = time.time()
-        conn.execute(
-            "INSERT INTO rounds(round_id, state, opened_at, deadline) VALUES (?, 'open', ?, ?)",
-            (round_id, t, t + self.config.round_timeout_s),
-        )
-        self._later("round_opened", round=round_id, deadline=t + self.config.round_timeout_s)
+        deadline = t + self.config.round_timeout_s
+        self.storage.insert_round(txn.conn, round_id, t, deadline)
+        txn.later("round_opened", round=round_id, deadline=deadline)
 
     # -- rounds ----------------------------------------------------------------------------
     def current_round(self) -> RoundRecord:
@@ -234,24 +210,18 @@ class Coordinator(Registry):
         self, client: ClientRecord, round_id: int, digest: str, size: int, meta: UpdateMeta
     ) -> int:
         """Insert the update row (re-checking round and duplicates under the lock); count."""
-        with self._lock, self._txn() as c:
+        record = UpdateRecord(round_id, client.client_id, client.family, client.tier,
+                              meta.num_samples, digest, size, dict(meta.metrics))  # fmt: skip
+        with self._lock, self._txn() as txn:
             self._check_duplicate(client, round_id, digest)
             rec = self.current_round()
             if round_id != rec.round_id or rec.state not in ACCEPTING:
                 raise self._round_conflict(round_id, rec)
-            c.execute(
-                "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (round_id, client.client_id, client.family, client.tier, meta.num_samples, digest,
-                 size, json.dumps(meta.metrics, sort_keys=True), time.time()),
-            )  # fmt: skip
-            c.execute(
-                "UPDATE rounds SET state='collecting' WHERE round_id=? AND state='open'",
-                (round_id,),
-            )
-            bump_counter(c, "bytes_in", size)
-            bump_counter(c, "uploads", 1)
-            query = "SELECT COUNT(*) FROM updates WHERE round_id=?"
-            return int(c.execute(query, (round_id,)).fetchone()[0])
+            self.storage.insert_update(txn.conn, record)
+            self.storage.mark_round_state(txn.conn, round_id, "collecting", only_from="open")
+            self.storage.bump_counter(txn.conn, "bytes_in", size)
+            self.storage.bump_counter(txn.conn, "uploads", 1)
+            return self.storage.count_updates(round_id, txn.conn)
 
     def _check_duplicate(self, client: ClientRecord, round_id: int, digest: str) -> None:
         prior = self.storage.update_of(round_id, client.client_id)
@@ -285,36 +255,30 @@ class Coordinator(Registry):
         if not reached and n < self.config.min_clients_at_deadline:
             self._deadline_short(rec, n, now)
             return False
-        with self._txn() as c:
-            c.execute("UPDATE rounds SET state='aggregating' WHERE round_id=?", (rec.round_id,))
+        with self._txn() as txn:
+            self.storage.mark_round_state(txn.conn, rec.round_id, "aggregating")
         log_event("round_aggregating", round=rec.round_id, updates=n, quorum=reached)
         return True
 
     def _deadline_short(self, rec: RoundRecord, n: int, now: float) -> None:
         cfg = self.config
-        with self._txn() as c:
+        with self._txn() as txn:
             if cfg.on_deadline == "extend" and rec.extensions < cfg.max_extensions:
-                c.execute(
-                    "UPDATE rounds SET deadline=?, extensions=extensions+1 WHERE round_id=?",
-                    (now + cfg.round_timeout_s, rec.round_id),
-                )
-                self._later(
+                self.storage.extend_round(txn.conn, rec.round_id, now + cfg.round_timeout_s)
+                txn.later(
                     "round_extended", round=rec.round_id, updates=n, extension=rec.extensions + 1
                 )
                 return
-            summary = json.dumps({"abandoned": True, "updates": n})
-            c.execute(
-                "UPDATE rounds SET state='abandoned', closed_at=?, summary_json=? WHERE round_id=?",
-                (now, summary, rec.round_id),
-            )
-            self._later("round_abandoned", round=rec.round_id, updates=n)
-            self._maybe_open_next(c, rec.round_id)
+            summary = {"abandoned": True, "updates": n}
+            self.storage.end_round(txn.conn, rec.round_id, "abandoned", summary, closed_at=now)
+            txn.later("round_abandoned", round=rec.round_id, updates=n)
+            self._maybe_open_next(txn, rec.round_id)
 
-    def _maybe_open_next(self, conn: Any, round_id: int) -> None:
+    def _maybe_open_next(self, txn: Txn, round_id: int) -> None:
         if round_id < self.run.rounds:
-            self._insert_round(conn, round_id + 1)
+            self._insert_round(txn, round_id + 1)
         else:
-            self._later("training_finished", rounds=round_id)
+            txn.later("training_finished", rounds=round_id)
 
     def load_state(self) -> dict[str, TensorDict]:
         """Latest stored model entries as tensors (global and every family)."""
@@ -362,52 +326,42 @@ class Coordinator(Registry):
         skipped = failed + result.skipped
         summary = {**result.summary, "updates": len(records), "skipped": skipped}
         summary["seconds"] = round(time.perf_counter() - t0, 4)
-        with self._lock, self._txn() as c:
+        with self._lock, self._txn() as txn:
             for name, (digest, size) in blobs.items():
-                c.execute(
-                    "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?)",
-                    (name, round_id, digest, size),
-                )
-            self._write_round_metrics(c, round_id, records)
-            c.execute(
-                "UPDATE rounds SET state='closed', closed_at=?, summary_json=? WHERE round_id=?",
-                (time.time(), json.dumps(summary), round_id),
-            )
-            self._later("round_closed", round=round_id, **summary)
-            self._maybe_open_next(c, round_id)
+                self.storage.put_model_row(txn.conn, name, round_id, digest, size, replace=True)
+            self.storage.write_round_metrics(txn.conn, round_id, round_metric_rows(records))
+            self.storage.end_round(txn.conn, round_id, "closed", summary)
+            txn.later("round_closed", round=round_id, **summary)
+            self._maybe_open_next(txn, round_id)
 
     def _specs_of(self, records: Sequence[UpdateRecord]) -> dict[str, AdapterSpec]:
-        ids = sorted({r.client_id for r in records})
-        rows = self.storage.query(
-            f"SELECT client_id, spec_json FROM clients WHERE client_id IN ({','.join('?' * len(ids))})",
-            tuple(ids),
-        )
-        return {r["client_id"]: AdapterSpec.from_json(r["spec_json"]) for r in rows}
-
-    def _write_round_metrics(
-        self, conn: Any, round_id: int, records: Sequence[UpdateRecord]
-    ) -> None:
-        groups: dict[tuple[str, str], list[UpdateRecord]] = {}
-        for r in records:
-            groups.setdefault((r.family, r.tier), []).append(r)
-        for (family, tier), rs in groups.items():
-            total = sum(r.num_samples for r in rs)
-            rows = {"clients": float(len(rs)), "num_samples": float(total)}
-            for key in sorted({k for r in rs for k in r.metrics}):
-                have = [r for r in rs if key in r.metrics]
-                rows[key] = sum(r.metrics[key] * r.num_samples for r in have) / sum(
-                    r.num_samples for r in have
-                )
-            conn.executemany(
-                "INSERT OR REPLACE INTO round_metrics VALUES (?, ?, ?, ?, ?)",
-                [(round_id, family, tier, k, v) for k, v in rows.items()],
-            )
+        specs = self.storage.specs_of(r.client_id for r in records)
+        return {client_id: AdapterSpec.from_json(text) for client_id, text in specs.items()}
 
     def status(self) -> dict[str, Any]:
         """Rounds, participants, clients per family/tier, bytes in/out, per-family metrics."""
-        from .status import build_status
+        return build_status(
+            self.storage,
+            strategy=self.strategy.name,
+            current=self.round_info(),
+            bytes_out=self.bytes_out(),
+        )
 
-        return build_status(self)
+
+def round_metric_rows(records: Sequence[UpdateRecord]) -> list[MetricRow]:
+    """Per (family, tier): clients, num_samples and the sample-weighted mean of each metric."""
+    groups: dict[tuple[str, str], list[UpdateRecord]] = {}
+    for r in records:
+        groups.setdefault((r.family, r.tier), []).append(r)
+    out: list[MetricRow] = []
+    for (family, tier), rs in groups.items():
+        values = {"clients": float(len(rs)), "num_samples": float(sum(r.num_samples for r in rs))}
+        for key in sorted({k for r in rs for k in r.metrics}):
+            have = [r for r in rs if key in r.metrics]
+            weight = sum(r.num_samples for r in have)
+            values[key] = sum(r.metrics[key] * r.num_samples for r in have) / weight
+        out += [(family, tier, key, value) for key, value in values.items()]
+    return out
 
 
 class IdempotentRetry(Exception):

@@ -1,17 +1,20 @@
-"""The ``/v1/status`` document: rounds, participants, bytes in/out, per-family metrics."""
+"""The ``/v1/status`` document: rounds, participants, bytes in/out, per-family metrics.
+
+A pure function of the stored state plus what only the coordinator knows (strategy name, the
+current round's info, download bytes not yet flushed); it imports nothing but ``storage``.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .rounds import Coordinator
+from .storage import Storage
 
 
-def _rounds(coord: Coordinator) -> list[dict[str, Any]]:
+def _rounds(storage: Storage) -> list[dict[str, Any]]:
     out = []
-    for r in coord.storage.rounds():
-        ups = coord.storage.updates(r.round_id)
+    for r in storage.rounds():
+        ups = storage.updates(r.round_id)
         out.append(
             {
                 "round": r.round_id,
@@ -29,27 +32,29 @@ def _rounds(coord: Coordinator) -> list[dict[str, Any]]:
     return out
 
 
-def _metrics(coord: Coordinator) -> dict[str, dict[str, Any]]:
+def _metrics(storage: Storage) -> dict[str, dict[str, Any]]:
     """family -> round -> tier -> metric -> sample-weighted mean (plus clients, num_samples)."""
-    rows = coord.storage.query("SELECT * FROM round_metrics ORDER BY round_id, family, tier, key")
     per_family: dict[str, dict[str, Any]] = {}
-    for m in rows:
-        fam = per_family.setdefault(m["family"], {})
-        fam.setdefault(str(m["round_id"]), {}).setdefault(m["tier"], {})[m["key"]] = m["value"]
+    for round_id, family, tier, key, value in storage.round_metrics_rows():
+        fam = per_family.setdefault(family, {})
+        fam.setdefault(str(round_id), {}).setdefault(tier, {})[key] = value
     return per_family
 
 
-def build_status(coord: Coordinator) -> dict[str, Any]:
-    clients = coord.storage.query(
-        "SELECT family, tier, COUNT(*) AS n FROM clients GROUP BY family, tier ORDER BY family, tier"
-    )
+def build_status(
+    storage: Storage, *, strategy: str, current: dict[str, Any], bytes_out: int
+) -> dict[str, Any]:
+    """The status document; ``current`` is the round info, ``bytes_out`` all bytes served."""
     return {
-        "strategy": coord.strategy.name,
-        "current": coord.round_info(),
-        "rounds": _rounds(coord),
-        "clients": [{"family": c["family"], "tier": c["tier"], "count": c["n"]} for c in clients],
-        "bytes_in": coord.storage.counter("bytes_in"),
-        "bytes_out": coord.bytes_out(),
-        "uploads": coord.storage.counter("uploads"),
-        "metrics": _metrics(coord),
+        "strategy": strategy,
+        "current": current,
+        "rounds": _rounds(storage),
+        "clients": [
+            {"family": family, "tier": tier, "count": n}
+            for family, tier, n in storage.clients_by_tier()
+        ],
+        "bytes_in": storage.counter("bytes_in"),
+        "bytes_out": bytes_out,
+        "uploads": storage.counter("uploads"),
+        "metrics": _metrics(storage),
     }

@@ -1,9 +1,8 @@
 """Durable server state: SQLite (WAL) for records, content-addressed blob files for tensors.
 
-Blobs are named by the sha256 of their bytes and written temp -> fsync -> rename -> fsync(dir),
-so a blob file either is complete or does not exist, and writing the same bytes twice is a
-no-op. Records reference blobs by hash; a blob written before a crash but never referenced is
-harmless.
+Blob files (``blobs.BlobStore``) are named by the sha256 of their bytes and written atomically;
+records reference blobs by hash, and a blob written before a crash but never referenced is
+harmless (``collect_garbage`` removes it at start-up).
 
 All SQL of the server lives in this module. Reads of committed state are plain methods
 (``storage.updates(round_id)``); every state change is one SQLite transaction, and the methods
@@ -16,9 +15,7 @@ that write take its connection::
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -27,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .blobs import BlobStore
 
 SCHEMA_VERSION = 1
 ROUND_STATES = ("open", "collecting", "aggregating", "closed", "abandoned")
@@ -95,52 +94,6 @@ class UpdateRecord:
 
 #: One ``round_metrics`` row of a round: (family, tier, key, value).
 MetricRow = tuple[str, str, str, float]
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class BlobStore:
-    """Immutable content-addressed files under ``<state>/blobs``."""
-
-    def __init__(self, root: Path, fsync: bool = True) -> None:
-        self.root = root
-        self.fsync = fsync
-        root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.glob("*.tmp"):  # from a write interrupted by a crash
-            leftover.unlink()
-
-    def path(self, digest: str) -> Path:
-        return self.root / f"{digest}.safetensors"
-
-    def put(self, data: bytes, digest: str | None = None) -> str:
-        """Write ``data`` atomically under its sha256; returns the digest."""
-        digest = digest or sha256_hex(data)
-        final = self.path(digest)
-        if final.exists():
-            return digest
-        tmp = self.root / f"{digest}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if self.fsync:
-                os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        if self.fsync:
-            _fsync_dir(self.root)
-        return digest
-
-    def get(self, digest: str) -> bytes:
-        return self.path(digest).read_bytes()
 
 
 class Storage:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 
 from edgetune.protocol import (
     COMPRESSION_INT8,
@@ -16,7 +18,6 @@ from edgetune.protocol import (
     ProtocolError,
     TensorEntry,
     UpdateMeta,
-    decode_payload,
     decompress_tensors,
     int8_wire_schema,
     parse_header,
@@ -160,7 +161,8 @@ def validate_update(
     max_samples: int,
     allowed_dtypes: tuple[str, ...],
 ) -> ValidatedUpdate:
-    """Parse and check an upload completely; tensors come back as uploaded."""
+    """Parse and check an upload completely: the header is parsed once, checked (metadata,
+    names, shapes, dtypes) before any tensor is built, then the tensors are loaded once."""
     try:
         metadata, entries = parse_header(body)
         meta = UpdateMeta.from_metadata(metadata)
@@ -168,14 +170,24 @@ def validate_update(
         raise from_protocol_error(exc) from exc
     _check_meta(meta, spec, round_id, max_samples, allowed_dtypes)
     check_tensor_schema(_entry_view(entries), spec, meta.dtype, meta.compression, meta.bundles)
+    wire = _load_checked(body)
+    check_finite({n: t for n, t in wire.items() if t.is_floating_point()})
     try:
-        wire = decode_payload(body).tensors
-        check_finite({n: t for n, t in wire.items() if t.is_floating_point()})
         tensors = decompress_tensors(wire, meta.compression)
     except ProtocolError as exc:
         raise from_protocol_error(exc) from exc
     check_finite(tensors)
     return ValidatedUpdate(meta, tensors)
+
+
+def _load_checked(body: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a payload whose header ``parse_header`` has already accepted."""
+    try:
+        return load_safetensors(bytes(body))
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ApiError(
+            400, "not_safetensors", f"safetensors could not load the payload: {exc}"
+        ) from exc
 
 
 def _entry_view(entries: Mapping[str, TensorEntry]) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -1,1 +1,43 @@
-"""edgetune.measure."""
+"""edgetune.measure: what a setup costs, measured or counted exactly.
+
+Rooms: `flops` (FlopCounterMode with the formulas torch lacks; a setup's forward and step
+FLOPs), `profile` (``edgetune profile``: the CLI and `profile_backbone`, torch-free until a
+profile runs), `memory` (weight bytes per dtype, peak memory of a training step), `wire` (bytes
+of the safetensors bodies a client sends and receives per round), `setup` (the task model with
+its adapter and wire spec that a profile measures), `latency` (timed forward and step) and
+`names` (the torch-free vocabulary: adapter choices, the metrics a client reports). Names load
+on first use, so importing this face loads no torch.
+"""
+
+from edgetune._lazy import lazy_face
+
+__getattr__, __dir__, __all__ = lazy_face(
+    __name__,
+    {
+        "names": ("ADAPTERS", "ADAPTER_FULL", "CLIENT_METRICS"),
+        "flops": ("count_flops", "flop_counter"),
+        "setup": (
+            "Setup",
+            "build_setup",
+            "load_setup",
+            "parameter_counts",
+            "random_batch",
+            "step_closure",
+        ),
+        "wire": ("download_bytes", "full_bytes", "update_bytes", "wire_bytes"),
+        "latency": ("measure_latency",),
+        "memory": (
+            "backbone_tensor_hashes",
+            "linear_weight_bytes",
+            "make_train_step",
+            "memory_estimate",
+            "memory_table",
+            "peak_step_memory",
+            "proc_status_bytes",
+            "reset_peak_rss",
+            "step_memory",
+            "weight_bytes",
+        ),
+        "profile": ("format_table", "profile_backbone", "register_cli", "run_cli"),
+    },
+)

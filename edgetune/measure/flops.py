@@ -7,7 +7,13 @@ them attention would silently count as zero. The fused adapter op registers its 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from edgetune.measure.setup import Setup
 
 
 def _cpu_flash_fwd(q_shape, k_shape, v_shape, *args: object, **kwargs: object) -> int:
@@ -32,3 +38,19 @@ def flop_counter():  # -> FlopCounterMode (imported lazily)
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_bwd,
     }
     return FlopCounterMode(display=False, custom_mapping=custom)
+
+
+def count_flops(setup: Setup, features: dict[str, Tensor], labels: Tensor) -> dict[str, int]:
+    """Exact forward and training-step FLOPs of a setup (the optimizer step counts zero: it is
+    elementwise). Count on fp32 weights: bitsandbytes' matmuls have no FLOP formula."""
+    task = setup.task
+    task.eval()
+    with torch.no_grad(), flop_counter() as fwd:
+        task(**features)
+    task.train()
+    with flop_counter() as step:
+        nn.functional.cross_entropy(task(**features), labels).backward()
+    for param in setup.trainable:
+        param.grad = None
+    task.eval()
+    return {"forward": int(fwd.get_total_flops()), "train_step": int(step.get_total_flops())}

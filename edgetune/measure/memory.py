@@ -1,9 +1,12 @@
-"""Memory of quantized backbones: exact weight bytes per dtype and peak RSS of a training step.
+"""Memory: exact weight bytes per dtype, and the peak memory of a training step.
 
 `weight_bytes` counts the resident bytes of a model per dtype (parameters, buffers and
 bitsandbytes quant state, shared storage once); `step_memory` measures the peak resident memory
 of one training step in a fresh interpreter, read from the kernel's per-process high-water mark
-(`VmHWM`; `ru_maxrss` of a child reports the parent's peak on Linux).
+(`VmHWM`; `ru_maxrss` of a child reports the parent's peak on Linux). For a profiled `Setup`,
+`memory_estimate` adds up the exact bytes of a step's resident parts and `peak_step_memory`
+measures one warm step in this process (``max_memory_allocated`` on CUDA; on CPU the growth of
+``VmHWM``, reset before the step, over the RSS before it).
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from edgetune.errors import ZooError
+from edgetune.adapters.build import inject
+from edgetune.config import AdapterConfig, LoraConfig
+from edgetune.errors import ConfigError, ZooError
+from edgetune.measure.setup import Setup, device_of, step_closure
 from edgetune.models.quant import bnb_module, check_mode, quantizable_linears
+from edgetune.protocol import KIND_FEDADAPTER
 
 if TYPE_CHECKING:
     from edgetune.models.zoo import Backbone
@@ -150,8 +157,8 @@ def make_train_step(
     adapter="head": the head alone, with the embedding output requiring grad so that backward
     runs through every (quantized) layer to the input.
     """
-    if adapter not in ("head", "fedadapter"):
-        raise ZooError(f"adapter={adapter!r}: use 'head' or 'fedadapter'")
+    if adapter not in ("head", KIND_FEDADAPTER):
+        raise ZooError(f"adapter={adapter!r}: use 'head' or {KIND_FEDADAPTER!r}")
     model, spec = backbone.model, backbone.spec
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (batch_size, seq_len), generator=gen)
@@ -159,11 +166,8 @@ def make_train_step(
     mask = torch.ones(batch_size, seq_len, dtype=torch.long)
     head = nn.Linear(spec.hidden_size, 4)
     trainable = list(head.parameters())
-    if adapter == "fedadapter":
-        from edgetune.adapters.fedadapter import apply_fedadapter
-        from edgetune.config import AdapterConfig
-
-        handle = apply_fedadapter(model, spec, AdapterConfig(rank=16))
+    if adapter == KIND_FEDADAPTER:
+        handle = inject(KIND_FEDADAPTER, backbone, None, AdapterConfig(rank=16), LoraConfig())
         trainable += [p for p in handle.named_tensors().values() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
     embed = model.get_input_embeddings()
@@ -184,7 +188,7 @@ def make_train_step(
     return step, trainable
 
 
-def _proc_status_bytes(field: str) -> int | None:
+def proc_status_bytes(field: str) -> int | None:
     """VmRSS / VmHWM of this process from /proc (Linux); None elsewhere."""
     try:
         with open("/proc/self/status") as status:
@@ -196,7 +200,7 @@ def _proc_status_bytes(field: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's high-water mark to the current RSS (Linux >= 4.0)."""
     try:
         with open("/proc/self/clear_refs", "w") as clear:
@@ -212,7 +216,7 @@ def _ru_maxrss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> tuple[int, str]:
-    hwm = _proc_status_bytes("VmHWM")
+    hwm = proc_status_bytes("VmHWM")
     return (hwm, "VmHWM") if hwm is not None else (_ru_maxrss_bytes(), "ru_maxrss")
 
 
@@ -225,14 +229,14 @@ def _step_memory_child(config_json: str) -> None:
         torch.set_num_threads(cfg["threads"])
     bnb_module()  # import cost belongs to the baseline of every mode alike
     gc.collect()
-    rss_imports = _proc_status_bytes("VmRSS")
+    rss_imports = proc_status_bytes("VmRSS")
     backbone = load_backbone(cfg["name"], quant=cfg["quant"])
     gc.collect()
     load_peak, source = _peak_rss_bytes()
-    rss_loaded = _proc_status_bytes("VmRSS")
+    rss_loaded = proc_status_bytes("VmRSS")
     step, trainable = make_train_step(backbone, cfg["adapter"], cfg["batch_size"], cfg["seq_len"])
     step()  # warm-up: optimizer state and lazy kernel initialisation
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     losses = [step()]
     peak, source = _peak_rss_bytes()
     times = []
@@ -303,3 +307,74 @@ def step_memory(
             f"(exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
         )
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- the memory of a profiled setup --------------------------------------------------------------
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    return (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+
+
+def memory_estimate(setup: Setup, features: dict, labels: torch.Tensor) -> dict[str, int]:
+    """Exact bytes of a training step's resident parts: weights, the tensors autograd saves for
+    backward (activations; each storage once, parameters excluded), gradients and AdamW state.
+
+    ``train_bytes`` is their sum: deterministic, unlike RSS on a shared CPU machine.
+    """
+    params = {_storage_key(p) for p in setup.task.parameters()}
+    buffers = {_storage_key(b) for b in setup.task.buffers()}
+    saved: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in params and key not in buffers and t.device.type != "meta":
+            saved[key] = key[1]
+        return t
+
+    setup.task.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(setup.task(**features), labels)
+    del loss
+    setup.task.eval()
+    weights = sum(weight_bytes(setup.task).values())
+    trainable = sum(p.numel() * p.element_size() for p in setup.trainable)
+    out = {"weights": weights, "saved_activations": sum(saved.values())}
+    out |= {"gradients": trainable, "adamw_state": 2 * trainable}
+    out["train_bytes"] = sum(out.values())
+    return out
+
+
+def peak_step_memory(setup: Setup, features: dict, labels: torch.Tensor) -> dict[str, Any]:
+    """Peak memory of one (warm) training step."""
+    step = step_closure(setup, features, labels)
+    step()  # optimizer state and lazy initialisation are not the step's peak
+    device = device_of(setup)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return {
+            "peak_bytes": torch.cuda.max_memory_allocated(device),
+            "source": "cuda_max_allocated",
+        }
+    _malloc_trim()
+    before = proc_status_bytes("VmRSS")
+    if before is None or not reset_peak_rss():
+        raise ConfigError("peak memory on CPU needs Linux /proc (VmRSS, clear_refs)")
+    step()
+    peak = proc_status_bytes("VmHWM") or 0
+    return {"peak_bytes": max(0, peak - before), "rss_before": before, "source": "VmHWM-VmRSS"}
+
+
+def _malloc_trim() -> None:
+    """Return freed heap pages to the OS so the step's high-water mark starts from live data."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        raise ConfigError("peak memory on CPU needs the C library (malloc_trim)")
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

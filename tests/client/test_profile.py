@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from edgetune.measure.profile import (
-    format_table,
-    profile_backbone,
-    register_cli,
-    update_bytes,
-)
+from edgetune.config import AdapterConfig, LoraConfig
+from edgetune.errors import ConfigError
+from edgetune.measure.profile import format_table, profile_backbone, register_cli
+from edgetune.measure.setup import build_setup
+from edgetune.measure.wire import update_bytes
+from edgetune.models.zoo import load_backbone
 from edgetune.protocol import initial_tensors
 
 
@@ -90,10 +92,6 @@ def test_parameter_counts(profiles) -> None:
 
 
 def _spec_of(prof: dict):
-    from edgetune.config import AdapterConfig, LoraConfig
-    from edgetune.measure.profile import build_setup
-    from edgetune.models.zoo import load_backbone
-
     return build_setup(load_backbone(prof["backbone"]), "fedadapter", C, AdapterConfig(rank=R),
                        LoraConfig()).spec  # fmt: skip
 
@@ -129,10 +127,6 @@ def test_timing_memory_table_and_cli(capsys) -> None:
 
 def test_adapters_from_block_1_cut_backward_and_travel_on_the_wire() -> None:
     """blocks="from:1" on 3 blocks: backward stops above block 1; the spec names match."""
-    from edgetune.config import AdapterConfig, LoraConfig
-    from edgetune.measure.profile import build_setup
-    from edgetune.models.zoo import load_backbone
-
     prof = profile_backbone("tiny-bert-d32-l3", adapter="fedadapter", batch=B, seq=S, rank=R,
                             blocks="from:1", n_classes=C, timing=False)  # fmt: skip
     fwd = 3 * (LINEAR + ATTN) + HEAD + 2 * adapter_flops(T, D, R, 3, D)
@@ -149,6 +143,36 @@ def test_adapters_from_block_1_cut_backward_and_travel_on_the_wire() -> None:
     numel = sum(math.prod(t.shape) for t in wire.values())
     assert numel == sum(p.numel() for p in setup.trainable)  # same tensors as trained
     assert prof["bytes"]["upload"]["full"] > prof["bytes"]["upload"]["global_only"]
+
+
+def test_settings_off_the_wire_say_why() -> None:
+    """Blocks or branches the wire cannot carry are measured, with the reason they do not
+    travel; full fine-tuning is reported as such, not as a protocol payload."""
+    prof = profile_backbone("tiny-bert-d32-l3", adapter="fedadapter", batch=B, seq=S, rank=R,
+                            blocks=(0, 2), n_classes=C, timing=False)  # fmt: skip
+    assert prof["blocks"] == [0, 2] and not prof["on_wire"]
+    assert "adapter.blocks" in prof["off_wire"] and prof["bytes"] == {
+        "on_wire": False, "note": prof["off_wire"]}  # fmt: skip
+    assert prof["flops"]["train_step"] > prof["flops"]["forward"] > 0
+    assert "bytes on the wire" in format_table(prof)
+    config = AdapterConfig(rank=R, branches=("global", "family"))
+    setup = build_setup(load_backbone("tiny-bert-d32-l2"), "fedadapter", C, config, LoraConfig())
+    assert setup.spec is None and "adapter.branches" in (setup.off_wire or "")
+    full = build_setup(load_backbone("tiny-bert-d32-l2"), "full", C, AdapterConfig(), LoraConfig())
+    assert full.spec is None and "full fine-tuning" in (full.off_wire or "")
+    with pytest.raises(ConfigError, match="adapter="):
+        build_setup(load_backbone("tiny-bert-d32-l2"), "prefix", C, config, LoraConfig())
+
+
+def test_profile_cli_loads_no_torch() -> None:
+    """`edgetune --help` registers the profile subcommand: that must not import torch."""
+    code = (
+        "import argparse, sys\n"
+        "import edgetune.measure, edgetune.measure.profile as p\n"
+        "p.register_cli(argparse.ArgumentParser().add_subparsers())\n"
+        "sys.exit(3 if 'torch' in sys.modules else 0)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 def test_first_block_keeps_old_spec_hashes() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgetune.client.transport import ServerClient
-from edgetune.measure.profile import CLIENT_METRICS, profile_backbone
+from edgetune.measure import CLIENT_METRICS, profile_backbone
 from edgetune.protocol import (
     SCALE_SUFFIX,
     AdapterSpec,
@@ -133,7 +133,7 @@ def test_lora_has_no_global_bundle(live_server) -> None:
 
 def _spec_of() -> AdapterSpec:
     from edgetune.config import AdapterConfig, LoraConfig
-    from edgetune.measure.profile import build_setup
+    from edgetune.measure import build_setup
     from edgetune.models.zoo import load_backbone
 
     setup = build_setup(load_backbone("tiny-bert-d32-l2"), "fedadapter", 3, AdapterConfig(rank=4),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from importlib import metadata
 from pathlib import Path
 
 import httpx
@@ -136,9 +137,19 @@ def test_abandon_policy(live_server) -> None:
 
 def test_health_openapi_and_register_errors(live_server) -> None:
     srv = live_server()
-    assert httpx.get(f"{srv.url}/v1/health").json()["status"] == "ok"
+    health = httpx.get(f"{srv.url}/v1/health").json()
+    assert health["status"] == "ok" and health["version"] == metadata.version("edgetune")
     schema = httpx.get(f"{srv.url}/v1/openapi.json").json()
-    assert "/v1/rounds/{round_id}/updates/{client_id}" in schema["paths"]
+    assert schema["info"]["version"] == health["version"]
+    assert list(schema["paths"]) == [
+        "/v1/health",
+        "/v1/register",
+        "/v1/rounds/current",
+        "/v1/global",
+        "/v1/families/{family}",
+        "/v1/rounds/{round_id}/updates/{client_id}",
+        "/v1/status",
+    ]
     spec = small_spec()
     r = httpx.post(
         f"{srv.url}/v1/register",

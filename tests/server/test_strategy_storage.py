@@ -77,7 +77,7 @@ def test_blob_store_atomic_and_idempotent(tmp_path: Path) -> None:
 def test_transaction_rolls_back(tmp_path: Path) -> None:
     st = Storage(tmp_path / "s")
     with pytest.raises(RuntimeError), st.transaction() as c:
-        c.execute("INSERT INTO counters VALUES ('x', 1)")
+        st.bump_counter(c, "x", 1)
         raise RuntimeError("boom")
     assert st.counter("x") == 0
     st.add_counter("x", 3)
@@ -124,7 +124,7 @@ def test_round_interrupted_while_aggregating_is_aggregated_on_restart(tmp_path: 
             == 201
         )
     with st.transaction() as c:  # what a crash right after the 'aggregating' commit leaves behind
-        c.execute("UPDATE rounds SET state='aggregating' WHERE round_id=1")
+        st.mark_round_state(c, 1, "aggregating")
     st.close()
     st = Storage(tmp_path / "s")
     coord = Coordinator(cfg, st, JOIN_TOKEN)
