@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from edgetune.errors import ConfigError, EdgeTuneError
 
@@ -53,6 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="local batch size (train.batch_size)")
     p.add_argument("--time-budget", type=float, help="seconds of training per round")
     p.add_argument("--max-rounds", type=int, help="stop after this many rounds (client.max_rounds)")
+
+
+def register_cli(sub: Any) -> None:
+    """Add ``edgetune client``."""
+    client = sub.add_parser("client", help="run one federated client against a server")
+    add_arguments(client)
+    client.set_defaults(func=run_client)
 
 
 def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]

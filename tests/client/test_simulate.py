@@ -145,7 +145,7 @@ def test_bad_group_quant_names_allowed_values(tmp_path):
 
 
 def test_demo_config_loads_and_matches_the_issue():
-    from edgetune.cli import DEMO_CONFIG
+    from edgetune.sim.cli import DEMO_CONFIG
 
     config = load_config(DEMO_CONFIG)
     assert isinstance(config, RunConfig) and config.data.dataset == "fortunes"
