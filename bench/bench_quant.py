@@ -46,7 +46,7 @@ def machine() -> dict[str, Any]:
     import transformers
 
     bitsandbytes = quant.bnb_module()  # mutes its import-time advice to install `kernels`
-    mine = ["edgetune/quant.py", "edgetune/zoo.py", "bench/bench_quant.py"]
+    mine = ["edgetune/models", "edgetune/measure/memory.py", "bench/bench_quant.py"]
     return machine_info(mine) | {
         "transformers": transformers.__version__,
         "bitsandbytes": bitsandbytes.__version__,

@@ -32,13 +32,13 @@ from typing import Any
 import httpx
 import torch
 from benchinfo import machine_info
-from edgetune.server.config import ServerConfig
 from edgetune.server.rounds import Coordinator
 from edgetune.server.storage import Storage
 
+from edgetune.config import RunConfig, ServerConfig
 from edgetune.protocol import AdapterSpec, encode_update, initial_tensors
-from edgetune.strategies.aggregation import ClientUpdate, fedadapter
-from edgetune.strategies.base import GLOBAL, make_strategy
+from edgetune.strategies import GLOBAL, ClientUpdate, make_strategy
+from edgetune.strategies.aggregation import fedadapter
 
 ROOT = Path(__file__).resolve().parents[1]
 JOIN = "bench-join-token-0123456789abcdef"
@@ -57,8 +57,15 @@ def minilm_spec(family: str) -> AdapterSpec:
     )
 
 
+def run_config(min_clients: int = 0) -> RunConfig:
+    """The fedadapter run both the strategy and the in-process server are built from."""
+    server = ServerConfig(min_clients=min_clients, beta=0.5, eta=1.0, project_conflicts=True)
+    return RunConfig(strategy="fedadapter", seed=0, server=server)
+
+
 def machine() -> dict[str, Any]:
-    info = machine_info(["server", "edgetune/protocol.py"], dirty_key="server_files_dirty")
+    watched = ["server", "edgetune/protocol", "edgetune/strategies", "edgetune/config"]
+    info = machine_info(watched, dirty_key="server_files_dirty")
     return info | {"torch_threads": torch.get_num_threads()}
 
 
@@ -78,7 +85,7 @@ def make_updates(n: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[C
 
 def _bench_size(n: int) -> dict[str, Any]:
     """The three variants are timed interleaved (A B C A B C ...) so load drift hits all."""
-    strat = make_strategy("fedadapter", beta=0.5, eta=1.0, project=True, seed=0)
+    strat = make_strategy(run_config())
     glob, updates = make_updates(n)
     specs = {u.client_id: minilm_spec(u.family) for u in updates}
     state = {GLOBAL: glob}
@@ -113,9 +120,8 @@ def bench_aggregation(sizes: list[int]) -> dict[str, Any]:
 def bench_round_close(n: int) -> dict[str, Any]:
     """Full server round close: n accepted uploads in SQLite + blobs -> aggregate -> commit."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = ServerConfig(min_clients=n, beta=0.5, project_conflicts=True)
         storage = Storage(Path(tmp) / "state")
-        coord = Coordinator(cfg, storage, JOIN)
+        coord = Coordinator(run_config(min_clients=n), storage, JOIN)
         _, updates = make_updates(n)
         specs = {f: minilm_spec(f) for f in FAMILIES}
         t_up = time.perf_counter()
@@ -154,7 +160,8 @@ def bench_uploads(n_clients: int, workers: int, time_limit: float) -> dict[str, 
             "--port",
             str(port),
         ]
-        args += ["--set", f"min_clients={n_clients + 1}", "--set", "log_level='WARNING'"]
+        args += ["--set", f"server.min_clients={n_clients + 1}"]
+        args += ["--set", "server.log_level='WARNING'"]
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_up(url, proc)

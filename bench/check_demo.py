@@ -10,6 +10,7 @@ Exit status 1 when a condition fails.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -41,7 +42,17 @@ def check(fed_dir: Path, local_dir: Path, family: str = "minilm-l3", gain: float
     return ok
 
 
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("fed_dir", type=Path, help="output folder of the federated run")
+    p.add_argument("local_dir", type=Path, help="output folder of the local-only run")
+    p.add_argument("--family", default="minilm-l3", help="family compared with local-only")
+    p.add_argument("--gain", type=float, default=0.20, help="required accuracy gain (0..1)")
+    args = p.parse_args(argv)
+    return 0 if check(args.fed_dir, args.local_dir, args.family, args.gain) else 1
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    sys.exit(0 if check(Path(sys.argv[1]), Path(sys.argv[2])) else 1)
+    sys.exit(main())

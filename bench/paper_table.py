@@ -3,10 +3,11 @@
     python bench/paper_table.py                   # small default config (below), ~30-45 min
     python bench/paper_table.py --config edgetune/configs/demo.toml   # the demo run (hours)
 
-For each strategy (fedadapter, fedavg-lora, hetlora, flexlora, flora, local) it runs
-`edgetune simulate` in a subprocess (same TOML, seed and Dirichlet split; HetLoRA and FlexLoRA
-get heterogeneous per-client ranks, see `het_groups`), then profiles one local training step
-of every backbone with `edgetune.measure.profile.profile_backbone` (exact FLOPs, peak memory) and writes
+For each strategy of `edgetune.strategies.NAMES` (fedadapter, fedavg-lora, hetlora, flexlora,
+flora, local) it runs `edgetune simulate` in a subprocess (same TOML, seed and Dirichlet split;
+the federated strategies whose `rank_scope` is "client", HetLoRA and FlexLoRA, get
+heterogeneous per-client ranks, see `het_groups`), then profiles one local training step of
+every backbone with `edgetune.measure.profile_backbone` (exact FLOPs, peak memory) and writes
 `bench/results/paper_table.json` and `bench/results/paper_table.md`.
 
 Columns: final global-model test accuracy per family and overall (local: personal test
@@ -16,10 +17,8 @@ target (cost-to-target), train GFLOPs per local step (batch x max_length, FlopCo
 fp32 weights: FLOPs do not depend on the weight format) and peak memory of a step.
 
 Besides the six strategies, FedAdapter variants run on the same config: rank 16, adapters from
-block 1 up (needs the client to accept adapter.blocks = "from:N"), int8 + error feedback, the
-family bundle every 2 rounds, and both (need the `comm` config section). A variant the runtime
-cannot run yet gets its bytes from the real encoded payloads and `measured: false`, no accuracy.
-Six + five simulations of ~2-5 min each on 2 cores; `--reuse` rebuilds the table from finished
+block 1 up (adapter.blocks = "from:1"), int8 + error feedback, the family bundle every 2
+rounds (comm.family_every = 2), and both. Six + five simulations of ~2-5 min each on 2 cores; `--reuse` rebuilds the table from finished
 runs under `--out` without simulating again.
 """
 
@@ -39,10 +38,13 @@ from benchinfo import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgetune.protocol.names import KIND_FEDADAPTER, KIND_LORA  # noqa: E402 (after sys.path)
+from edgetune.strategies import NAMES, STRATEGIES  # noqa: E402 (torch-free registry)
+
 RESULTS = ROOT / "bench" / "results"
 MB = 1e6
-STRATEGIES = ("fedadapter", "fedavg-lora", "hetlora", "flexlora", "flora", "local")
-HET_STRATEGIES = ("hetlora", "flexlora")
+#: The table's reference rows: FedAdapter against FedAvg of LoRA factors.
+OURS, REFERENCE = "fedadapter", "fedavg-lora"
 
 # The default: two families in two tiers, 4 clients, 3 rounds. FedAdapter at rank 8 (its family
 # bundle is 2*d*r + O(r^2) per block, LoRA r=8 on query/value is 2*2*d*8 per block: rank 8
@@ -89,6 +91,24 @@ count = 2
 """
 
 
+def per_client_ranks(strategy: str) -> bool:
+    """True for a federated strategy that aggregates clients of different ranks (its
+    `rank_scope` is "client": HetLoRA, FlexLoRA). `local` may mix ranks too, but aggregates
+    nothing: it keeps the base plan, comparable with FedAdapter's single rank."""
+    found = STRATEGIES[strategy]
+    return found.federated and found.rank_scope == "client"
+
+
+def section_of(strategy: str) -> str:
+    """The config section holding the rank of what `strategy`'s clients train."""
+    return "adapter" if STRATEGIES[strategy].adapter == KIND_FEDADAPTER else "lora"
+
+
+def low_rank(config: dict[str, Any], strategy: str) -> int:
+    """The reduced rank of every other client in the heterogeneous plan: half the default."""
+    return max(1, int(config.get(section_of(strategy), {}).get("rank", 8)) // 2)
+
+
 def het_groups(groups: list[dict[str, Any]], low: int) -> list[dict[str, Any]]:
     """Split every group into one client per entry, alternating full rank and `low` rank.
 
@@ -101,14 +121,19 @@ def het_groups(groups: list[dict[str, Any]], low: int) -> list[dict[str, Any]]:
     return out
 
 
-def write_configs(base: dict[str, Any], out: Path) -> dict[str, Path]:
-    """The base config and the heterogeneous-rank variant, as TOML files under `out`."""
+def write_configs(base: dict[str, Any], out: Path, strategies: list[str]) -> dict[str, Path]:
+    """The TOML file each strategy runs (and ``"base"``): the base config, or its
+    heterogeneous-rank variant for strategies with per-client ranks."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"base": out / "config.toml", "het": out / "config_het.toml"}
+    paths = {"base": out / "config.toml"}
     paths["base"].write_text(_to_toml(base))
-    rank = int(base.get("lora", {}).get("rank", 8))
-    het = {**base, "group": het_groups(base["group"], max(1, rank // 2))}
-    paths["het"].write_text(_to_toml(het))
+    for strategy in strategies:
+        if not per_client_ranks(strategy):
+            paths[strategy] = paths["base"]
+            continue
+        low = low_rank(base, strategy)
+        paths[strategy] = out / f"config_het_{section_of(strategy)}.toml"
+        paths[strategy].write_text(_to_toml({**base, "group": het_groups(base["group"], low)}))
     return paths
 
 
@@ -130,20 +155,6 @@ def _to_toml(config: dict[str, Any]) -> str:
     for group in config.get("group", []):
         lines += ["", "[[group]]"] + [f"{k} = {_toml_value(v)}" for k, v in group.items()]
     return "\n".join(lines) + "\n"
-
-
-def comm_supported() -> bool:
-    """True when `edgetune simulate` accepts the `comm.*` keys (family_every, compression)."""
-    from edgetune.config import RunConfig
-
-    return "comm" in RunConfig.__dataclass_fields__
-
-
-def blocks_supported() -> bool:
-    """True when the client runtime puts FedAdapter on blocks "from:N" on the wire."""
-    from edgetune.client import runtime as client
-
-    return hasattr(client, "first_block_of")  # what the client's spec builder uses for it
 
 
 def run_simulate(name: str, config: Path, out: Path, sets: list[str], timeout_s: float) -> Path:
@@ -178,7 +189,7 @@ def cost_to_target(rows: list[dict[str, Any]], target: float) -> float | None:
 def run_summary(folder: Path) -> dict[str, Any]:
     summary = json.loads((folder / "summary.json").read_text())
     rows = load_rows(folder)
-    local = summary["strategy"] == "local"
+    local = not STRATEGIES[summary["strategy"]].federated
     acc = summary["final_personal_test_acc"] if local else summary["final_global_acc"]
     return {
         "accuracy_kind": "personal_test" if local else "global_test",
@@ -199,10 +210,10 @@ def run_summary(folder: Path) -> dict[str, Any]:
 def client_setups(config: dict[str, Any], strategy: str) -> list[tuple[str, str, str, int]]:
     """(backbone, quant, adapter kind, rank) of every client of `strategy`, in client order."""
     groups = config["group"]
-    if strategy in HET_STRATEGIES:
-        groups = het_groups(groups, max(1, int(config["lora"]["rank"]) // 2))
-    kind = "fedadapter" if strategy in ("fedadapter", "local") else "lora"
-    default = int(config["adapter" if kind == "fedadapter" else "lora"]["rank"])
+    if per_client_ranks(strategy):
+        groups = het_groups(groups, low_rank(config, strategy))
+    kind = STRATEGIES[strategy].adapter
+    default = int(config[section_of(strategy)]["rank"])
     out = []
     for group in groups:
         rank = int(group.get("rank", 0)) or default
@@ -225,8 +236,8 @@ class Profiler:
             train, adapter_cfg = self.config["train"], self.config["adapter"]
             self.cache[key] = profile_backbone(
                 backbone, quant, adapter, int(train["batch_size"]), int(train["max_length"]),
-                rank=rank if adapter == "fedadapter" else int(adapter_cfg["rank"]),
-                lora_rank=rank if adapter == "lora" else int(self.config["lora"]["rank"]),
+                rank=rank if adapter == KIND_FEDADAPTER else int(adapter_cfg["rank"]),
+                lora_rank=rank if adapter == KIND_LORA else int(self.config["lora"]["rank"]),
                 lora_targets=tuple(self.config["lora"].get("targets", ("query", "value"))),
                 n_classes=len(self.config["data"]["categories"]), timing=False, **extra,
             )  # fmt: skip
@@ -248,8 +259,8 @@ def flops_ratios(config: dict[str, Any], profiler: Profiler) -> list[dict[str, A
     rows = []
     rank, lrank = int(config["adapter"]["rank"]), int(config["lora"]["rank"])
     for backbone in sorted({g["backbone"] for g in config["group"]}):
-        fed = profiler.get(backbone, "none", "fedadapter", rank)["flops"]["train_step"]
-        lora = profiler.get(backbone, "none", "lora", lrank)["flops"]["train_step"]
+        fed = profiler.get(backbone, "none", KIND_FEDADAPTER, rank)["flops"]["train_step"]
+        lora = profiler.get(backbone, "none", KIND_LORA, lrank)["flops"]["train_step"]
         full = profiler.get(backbone, "none", "full", lrank)
         row = {"backbone": backbone, "fedadapter_gflops": fed / 1e9, "lora_gflops": lora / 1e9}
         row |= {"full_gflops": full["flops"]["train_step"] / 1e9}
@@ -258,7 +269,7 @@ def flops_ratios(config: dict[str, Any], profiler: Profiler) -> list[dict[str, A
             "fedadapter_vs_full": fed / full["flops"]["train_step"],
             "fedadapter_vs_lora": fed / lora,
         }
-        cut = profiler.get(backbone, "none", "fedadapter", rank, blocks="from:1")["flops"]
+        cut = profiler.get(backbone, "none", KIND_FEDADAPTER, rank, blocks="from:1")["flops"]
         row |= {"from1_gflops": cut["train_step"] / 1e9,
                 "from1_vs_full": cut["train_step"] / full["flops"]["train_step"],
                 "from1_vs_lora": cut["train_step"] / lora}  # fmt: skip
@@ -273,27 +284,12 @@ COMM_VARIANTS = {
     "fedadapter+P2+int8ef": {"comm.compression": "int8", "comm.family_every": 2},
 }
 #: FedAdapter settings: rank 16 (the demo's; its family bundle is ~2x LoRA r=8 on query/value)
-#: and adapters on blocks 1.. only (DESIGN.md section 9: backward stops above block 1; runs
-#: when the client accepts adapter.blocks = "from:N", i.e. AdapterSpec.first_block).
+#: and adapters on blocks 1.. only (DESIGN.md section 9: backward stops above block 1; on the
+#: wire as AdapterSpec.first_block).
 SETTING_VARIANTS = {
     "fedadapter-r16": {"adapter.rank": 16},
     "fedadapter-from1": {"adapter.blocks": "from:1"},
 }
-
-
-def projected_upload(config: dict[str, Any], profiler: Profiler, sets: dict[str, Any]) -> float:
-    """MB uploaded per client per round by FedAdapter with `sets`, from the encoded payloads."""
-    compression = str(sets.get("comm.compression", "none"))
-    every = int(sets.get("comm.family_every", 1))
-    rounds = int(config["rounds"])
-    total = 0.0
-    setups = client_setups(config, "fedadapter")
-    for backbone, quant, kind, rank in setups:
-        wire = profiler.get(backbone, quant, kind, rank, compression=compression)["bytes"]
-        full, glob = wire["upload"]["full"], wire["upload"]["global_only"]
-        due = sum(1 for r in range(1, rounds + 1) if r % every == 0 or r == rounds)
-        total += (due * full + (rounds - due) * glob) / rounds
-    return total / len(setups) / MB
 
 
 # -- the table -----------------------------------------------------------------------------------
@@ -303,18 +299,23 @@ def target_accuracy(runs: dict[str, dict[str, Any]], given: float | None) -> flo
     """
     if given is not None:
         return given
-    federated = [n for n in STRATEGIES if n != "local"]
+    federated = [n for n in NAMES if STRATEGIES[n].federated]
     best = [runs[n]["best_acc_overall"] for n in federated if n in runs]
     if not best:
         raise RuntimeError("no federated run produced a global accuracy")
     return min(best)
 
 
+def rivals() -> list[str]:
+    """The federated strategies FedAdapter's cost-to-target is compared with."""
+    return [n for n in NAMES if n != OURS and STRATEGIES[n].federated]
+
+
 def check_targets(table: dict[str, dict[str, Any]], ratios: list[dict[str, Any]]) -> dict:
-    fed, base = table["fedadapter"], table["fedavg-lora"]
+    fed, base = table[OURS], table[REFERENCE]
     up = fed["mb_up_per_client_round"] / base["mb_up_per_client_round"]
     int8 = table.get("fedadapter+int8ef", {}).get("mb_up_per_client_round")
-    others = [v["mb_to_target"] for k, v in table.items() if k in STRATEGIES[1:5]]
+    others = [v["mb_to_target"] for k, v in table.items() if k in rivals()]
     cost = fed["mb_to_target"]
     return {
         "flops_vs_full_max": max(r["fedadapter_vs_full"] for r in ratios),
@@ -342,12 +343,11 @@ def markdown(result: dict[str, Any]) -> str:
     head = ["strategy", *[f"acc {f}" for f in families], "acc overall", "MB up/client/round",
             "x FedAvg-LoRA", "MB to target", "train GFLOPs/step", "train mem MB"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = table["fedavg-lora"]["mb_up_per_client_round"]
+    base = table[REFERENCE]["mb_up_per_client_round"]
     for name, row in table.items():
         accs = [_fmt(row["final_acc"].get(f), pct=True) for f in families]
         up = row["mb_up_per_client_round"]
-        label = name if row.get("measured", True) else f"{name} (bytes only)"
-        cells = [label, *accs, _fmt(row["final_acc_overall"], pct=True), _fmt(up, 3),
+        cells = [name, *accs, _fmt(row["final_acc_overall"], pct=True), _fmt(up, 3),
                  _fmt(up / base if up is not None else None, 3), _fmt(row["mb_to_target"], 2),
                  _fmt(row.get("train_gflops_per_step"), 3), _fmt(row.get("train_memory_mb"), 1)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -371,18 +371,12 @@ def machine() -> dict[str, Any]:
 
 def run_all(config: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Every strategy's simulation (reused from `args.out` with --reuse), then the variants."""
-    paths = write_configs(config, args.out)
+    paths = write_configs(config, args.out, args.strategies)
     runs: dict[str, dict[str, Any]] = {}
-    plans = [(s, paths["het" if s in HET_STRATEGIES else "base"], [f"strategy={s}"])
-             for s in args.strategies]  # fmt: skip
-    variants = [
-        (n, s, "blocks" not in str(s) or blocks_supported()) for n, s in SETTING_VARIANTS.items()
-    ]
-    variants += [(n, s, comm_supported()) for n, s in COMM_VARIANTS.items()]
-    for name, sets, supported in variants:
-        done = args.reuse and (args.out / "runs" / name / "summary.json").is_file()
-        if supported or done:  # a finished run of a variant is reused either way
-            plans.append((name, paths["base"], ["strategy=fedadapter"] + [f"{k}={v}" for k, v in sets.items()]))  # fmt: skip
+    plans = [(s, paths[s], [f"strategy={s}"]) for s in args.strategies]
+    for name, sets in {**SETTING_VARIANTS, **COMM_VARIANTS}.items():
+        overrides = [f"{k}={_toml_value(v)}" for k, v in sets.items()]
+        plans.append((name, paths["base"], [f"strategy={OURS}", *overrides]))
     for name, path, sets in plans:
         folder = args.out / "runs" / name
         if not (args.reuse and (folder / "summary.json").is_file()):
@@ -398,7 +392,7 @@ def costs_of(profiler: Profiler, name: str) -> dict[str, float]:
         return profiler.strategy_costs(base)
     sets = SETTING_VARIANTS[base]
     extra = {"blocks": sets["adapter.blocks"]} if "adapter.blocks" in sets else {}
-    return profiler.strategy_costs("fedadapter", rank=sets.get("adapter.rank"), **extra)
+    return profiler.strategy_costs(OURS, rank=sets.get("adapter.rank"), **extra)
 
 
 def build_result(config: dict[str, Any], runs: dict[str, dict[str, Any]], args) -> dict[str, Any]:
@@ -407,15 +401,10 @@ def build_result(config: dict[str, Any], runs: dict[str, dict[str, Any]], args) 
     table: dict[str, dict[str, Any]] = {}
     for name, run in runs.items():
         row = {k: v for k, v in run.items() if k != "rows"}
-        row["mb_to_target"] = None if name == "local" else cost_to_target(run["rows"], target)
-        row["measured"] = True
+        federated = run["accuracy_kind"] == "global_test"
+        row["mb_to_target"] = cost_to_target(run["rows"], target) if federated else None
         row |= costs_of(profiler, name)
         table[name] = row
-    for name, sets in COMM_VARIANTS.items():
-        if name not in table:
-            table[name] = {"final_acc": {}, "final_acc_overall": None, "mb_to_target": None,
-                           "mb_up_per_client_round": projected_upload(config, profiler, sets),
-                           "measured": False, **profiler.strategy_costs("fedadapter")}  # fmt: skip
     ratios = flops_ratios(config, profiler)
     families = sorted({f for row in table.values() for f in row["final_acc"]})
     return {
@@ -428,13 +417,8 @@ def build_result(config: dict[str, Any], runs: dict[str, dict[str, Any]], args) 
         "curves": {n: r["rows"] for n, r in runs.items()},
         "machine": machine(),
         "command": " ".join(["python", "bench/paper_table.py", *sys.argv[1:]]),
-        "notes": [n for n in NOTES if "measured=false" not in n or not all_measured(table)]
-        + list(args.note),
+        "notes": [*NOTES, *args.note],
     }
-
-
-def all_measured(table: dict[str, dict[str, Any]]) -> bool:
-    return all(row.get("measured", True) for row in table.values())
 
 
 NOTES = [
@@ -446,10 +430,10 @@ NOTES = [
     "train GFLOPs/step: FlopCounterMode, one forward + backward at batch_size x max_length of "
     "the config on fp32 weights, mean over clients; train mem: weights (as quantized) + "
     "autograd-saved activations + grads + AdamW state.",
-    "HetLoRA/FlexLoRA: every other client of a tier at rank lora.rank // 2 (same client order "
-    "and data shards as the other runs).",
-    "Rows with measured=false: the comm.* knobs are not wired into `edgetune simulate` yet; "
-    "their bytes come from the real encoded payloads of the FedAdapter spec, no accuracy.",
+    "Per-client ranks (federated strategies whose rank_scope is 'client': "
+    + ", ".join(n for n in NAMES if per_client_ranks(n))
+    + "): every other client of a tier at half the section's rank, e.g. lora.rank // 2 (same "
+    "client order and data shards as the other runs).",
 ]
 
 
@@ -458,14 +442,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="TOML config (default: the small one above)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "paper_table")
     p.add_argument("--results", type=Path, default=RESULTS, help="where JSON + Markdown go")
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    p.add_argument("--strategies", nargs="+", default=list(NAMES), choices=NAMES)
     p.add_argument("--target", type=float, help="target overall accuracy (default: see notes)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per simulate run")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs under --out")
     p.add_argument("--note", action="append", default=[], help="a note to record with the table")
     args = p.parse_args(argv)
-    if "fedavg-lora" not in args.strategies or "fedadapter" not in args.strategies:
-        p.error("--strategies must include fedadapter and fedavg-lora (the table's reference)")
+    if REFERENCE not in args.strategies or OURS not in args.strategies:
+        p.error(f"--strategies must include {OURS} and {REFERENCE} (the table's reference)")
     return args
 
 

@@ -1,12 +1,13 @@
 """edgetune.measure: what a setup costs, measured or counted exactly.
 
 Rooms: `flops` (FlopCounterMode with the formulas torch lacks; a setup's forward and step
-FLOPs), `profile` (``edgetune profile``: the CLI and `profile_backbone`, torch-free until a
-profile runs), `memory` (weight bytes per dtype, peak memory of a training step), `wire` (bytes
-of the safetensors bodies a client sends and receives per round), `setup` (the task model with
-its adapter and wire spec that a profile measures), `latency` (timed forward and step) and
-`names` (the torch-free vocabulary: adapter choices, the metrics a client reports). Names load
-on first use, so importing this face loads no torch.
+FLOPs), `profile` (`profile_backbone`: everything ``edgetune profile`` reports), `memory`
+(weight bytes per dtype, peak memory of a training step), `wire` (bytes of the safetensors
+bodies a client sends and receives per round), `setup` (the task model with its adapter and
+wire spec that a profile measures), `latency` (timed forward and step), `names` (the
+torch-free vocabulary: adapter choices, the metrics a client reports) and `cli` (the
+``edgetune profile`` command, torch-free to register). Names load on first use, so importing
+this face loads no torch.
 """
 
 from edgetune._lazy import lazy_face
@@ -38,6 +39,7 @@ __getattr__, __dir__, __all__ = lazy_face(
             "step_memory",
             "weight_bytes",
         ),
-        "profile": ("format_table", "profile_backbone", "register_cli", "run_cli"),
+        "profile": ("profile_backbone",),
+        "cli": ("format_table", "register_cli", "run_cli"),
     },
 )

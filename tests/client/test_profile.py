@@ -13,7 +13,8 @@ import torch
 
 from edgetune.config import AdapterConfig, LoraConfig
 from edgetune.errors import ConfigError
-from edgetune.measure.profile import format_table, profile_backbone, register_cli
+from edgetune.measure.cli import format_table, register_cli
+from edgetune.measure.profile import profile_backbone
 from edgetune.measure.setup import build_setup
 from edgetune.measure.wire import update_bytes
 from edgetune.models.zoo import load_backbone
@@ -168,8 +169,8 @@ def test_profile_cli_loads_no_torch() -> None:
     """`edgetune --help` registers the profile subcommand: that must not import torch."""
     code = (
         "import argparse, sys\n"
-        "import edgetune.measure, edgetune.measure.profile as p\n"
-        "p.register_cli(argparse.ArgumentParser().add_subparsers())\n"
+        "import edgetune.measure, edgetune.measure.cli as c\n"
+        "c.register_cli(argparse.ArgumentParser().add_subparsers())\n"
         "sys.exit(3 if 'torch' in sys.modules else 0)\n"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
