@@ -32,6 +32,7 @@ from benchinfo import machine_info
 
 from edgetune.measure import memory as quant_memory
 from edgetune.models import quant
+from edgetune.models import weights as model_weights
 from edgetune.models.zoo import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +56,8 @@ def machine() -> dict[str, Any]:
 
 def weights(name: str, mode: str) -> dict[str, Any]:
     backbone = load_backbone(name, quant=mode, strict=True)
-    per_dtype = quant_memory.weight_bytes(backbone.model)
-    linear = quant_memory.linear_weight_bytes(backbone.model)
+    per_dtype = model_weights.weight_bytes(backbone.model)
+    linear = model_weights.linear_weight_bytes(backbone.model)
     return {
         "bytes_by_dtype": per_dtype,
         "total_bytes": sum(per_dtype.values()),

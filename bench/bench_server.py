@@ -32,11 +32,11 @@ from typing import Any
 import httpx
 import torch
 from benchinfo import machine_info
-from edgetune.server.rounds import Coordinator
-from edgetune.server.storage import Storage
 
 from edgetune.config import RunConfig, ServerConfig
 from edgetune.protocol import AdapterSpec, encode_update, initial_tensors
+from edgetune.server.rounds import Coordinator
+from edgetune.server.storage import Storage
 from edgetune.strategies import GLOBAL, ClientUpdate, make_strategy
 from edgetune.strategies.aggregation import fedadapter
 

@@ -34,7 +34,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
         print("\nAny local Hugging Face folder (BERT, ViT, GPT-2, Llama) works as a path too.")
         return 0
     if args.quant is not None:
-        from edgetune.measure.memory import memory_table
+        from edgetune.models.weights import memory_table
 
         print(memory_table(args.name, quants=tuple(dict.fromkeys(("none", args.quant)))))
         return 0

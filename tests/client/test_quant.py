@@ -8,7 +8,7 @@ import torch
 
 from edgetune.errors import ZooError
 from edgetune.measure import memory as quant_memory
-from edgetune.models import quant
+from edgetune.models import quant, weights
 from edgetune.models.zoo import embed_texts, load_backbone, weights_fingerprint
 
 SENTENCES = [
@@ -65,17 +65,17 @@ def test_only_linears_are_quantized_and_all_is_frozen(quantized):
 
 
 def test_weight_bytes_are_exact(quantized, minilm_l6):
-    fp32 = quant_memory.weight_bytes(minilm_l6.model)
+    fp32 = weights.weight_bytes(minilm_l6.model)
     params = sum(p.numel() for p in minilm_l6.model.parameters())
     assert fp32["float32"] == 4 * params
     linear_weights = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
-    assert quant_memory.weight_bytes(quantized["int8"].model)["int8"] == linear_weights
+    assert weights.weight_bytes(quantized["int8"].model)["int8"] == linear_weights
     # nf4: two weights per byte plus one uint8 absmax per 64-block (double quantization).
-    assert quant_memory.weight_bytes(quantized["nf4"].model)["uint8"] == linear_weights // 2 + (
+    assert weights.weight_bytes(quantized["nf4"].model)["uint8"] == linear_weights // 2 + (
         linear_weights // 64
     )
-    ratio = sum(quant_memory.linear_weight_bytes(quantized["nf4"].model).values()) / sum(
-        quant_memory.linear_weight_bytes(minilm_l6.model).values()
+    ratio = sum(weights.linear_weight_bytes(quantized["nf4"].model).values()) / sum(
+        weights.linear_weight_bytes(minilm_l6.model).values()
     )
     assert ratio < 0.14
 
@@ -91,14 +91,14 @@ def one_thread():
 
 def test_fedadapter_training_on_nf4_reduces_loss_and_keeps_backbone(one_thread):
     backbone = load_backbone("minilm-l6", quant="nf4")
-    before = quant_memory.backbone_tensor_hashes(backbone.model)
+    before = weights.backbone_tensor_hashes(backbone.model)
     # A no-grad eval forward first: bitsandbytes would repack 4-bit weights in place for its
     # CPU gemv here, and then fail on the first forward with grad (see quantize_linear).
     embed_texts(backbone, SENTENCES[:2])
     step, trainable = quant_memory.make_train_step(backbone, "fedadapter", batch_size=2, seq_len=12)
     losses = [step() for _ in range(20)]
     assert losses[-1] < 0.5 * losses[0], losses
-    after = quant_memory.backbone_tensor_hashes(backbone.model, exclude=tuple(trainable))
+    after = weights.backbone_tensor_hashes(backbone.model, exclude=tuple(trainable))
     assert Counter(after) == Counter(before)  # every backbone tensor unchanged, bit for bit
     assert sum(p.numel() for p in trainable) > 10 * 4 * 385  # adapters, not just the head
 
@@ -182,7 +182,7 @@ def test_mobilenet_has_nothing_to_quantize():
 
 
 def test_memory_table_lists_each_mode():
-    table = quant_memory.memory_table("tiny-bert-d64-l2")
+    table = weights.memory_table("tiny-bert-d64-l2")
     assert "float32 MB" in table and "uint8 MB" in table and "int8 MB" in table
     assert [line.split()[0] for line in table.splitlines()[2:5]] == ["none", "int8", "nf4"]
 

@@ -28,8 +28,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from edgetune.kernels import fused_adapter, reference_adapter
 from torch import Tensor
+
+from edgetune.kernels import fused_adapter, reference_adapter
 
 NAMES = ("x", "D", "b_D", "C", "q", "alpha", "U", "b_U", "residual")
 SCALE = 0.75

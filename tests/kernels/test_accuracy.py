@@ -15,8 +15,9 @@ from itertools import product
 
 import pytest
 import torch
-from edgetune.kernels import KERNEL_ENV
 from kernel_cases import Case, check_case
+
+from edgetune.kernels import KERNEL_ENV
 
 AXES = {
     "T": (1, 7, 64),

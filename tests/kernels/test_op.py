@@ -8,6 +8,9 @@ import sys
 
 import pytest
 import torch
+from kernel_cases import SCALE, Case, make_inputs
+from torch.utils.flop_counter import FlopCounterMode
+
 from edgetune.kernels import (
     KERNEL_ENV,
     active_path,
@@ -17,8 +20,6 @@ from edgetune.kernels import (
     op,
     reference_adapter,
 )
-from kernel_cases import SCALE, Case, make_inputs
-from torch.utils.flop_counter import FlopCounterMode
 
 PARAMS = ("x", "D", "b_D", "C", "q", "alpha", "U", "b_U")
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_cases import SCALE, Case, make_inputs
+
 from edgetune.kernels import reference_adapter, triton_path
 from edgetune.kernels.aot import SHARED_LIMIT, launch_configs
 from edgetune.kernels.triton_path import (
@@ -20,7 +22,6 @@ from edgetune.kernels.triton_path import (
     triton_backward,
     triton_forward,
 )
-from kernel_cases import SCALE, Case, make_inputs
 
 PARAMS = ("x", "D", "b_D", "C", "q", "alpha", "U", "b_U")
 pytestmark = pytest.mark.skipif(not triton_path.INTERPRETED, reason="needs TRITON_INTERPRET=1")

@@ -15,12 +15,12 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from edgetune.server.app import create_app
-from edgetune.server.rounds import Coordinator
-from edgetune.server.storage import Storage
 
 from edgetune.config import RunConfig, ServerConfig
 from edgetune.protocol import AdapterSpec, decode_payload, encode_update
+from edgetune.server.app import create_app
+from edgetune.server.rounds import Coordinator
+from edgetune.server.storage import Storage
 
 JOIN_TOKEN = "test-join-token-0123456789abcdef"
 

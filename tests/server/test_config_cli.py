@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from edgetune.config import ServerConfig, load_config, parse_override
+from edgetune.errors import ConfigError
 from edgetune.server.cli import (
     JsonFormatter,
     read_join_token,
@@ -17,9 +20,6 @@ from edgetune.server.cli import (
     run_from_args,
     tls_warning,
 )
-
-from edgetune.config import ServerConfig, load_config, parse_override
-from edgetune.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from edgetune.server.storage import BlobStore, Storage
 
 from edgetune.errors import ConfigError
 from edgetune.protocol import initial_tensors
+from edgetune.server.storage import BlobStore, Storage
 from edgetune.strategies import NAMES, STRATEGIES, make_strategy
 from edgetune.strategies.aggregation import ClientUpdate
 from edgetune.strategies.base import GLOBAL, family_model
@@ -106,9 +106,8 @@ def test_restart_removes_only_unreferenced_blobs(tmp_path: Path) -> None:
 
 
 def test_round_interrupted_while_aggregating_is_aggregated_on_restart(tmp_path: Path) -> None:
-    from edgetune.server.rounds import Coordinator
-
     from edgetune.protocol import encode_update
+    from edgetune.server.rounds import Coordinator
 
     from .conftest import JOIN_TOKEN, server_run
 

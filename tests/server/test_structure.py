@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import torch
+
+from edgetune.protocol import encode_update
 from edgetune.server import app as server_app
 from edgetune.server import registry, rounds, validation
 from edgetune.server.rounds import Coordinator, round_metric_rows
 from edgetune.server.storage import ClientRecord, Storage, UpdateRecord
-
-from edgetune.protocol import encode_update
 
 from .conftest import JOIN_TOKEN, random_update, server_run, small_spec
 
