@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 os.environ.setdefault("EDGETUNE_KERNEL", "torch")  # the CPU path, explicitly
 from benchinfo import machine_info
+
 from edgetune.kernels import fused_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,8 +231,9 @@ def cuda_triton_times(T: int, d: int) -> dict[str, float] | None:
     """Triton fwd / fwd+bwd in ms (do_bench) on CUDA; None on a CPU-only machine."""
     if not torch.cuda.is_available():
         return None
-    from edgetune.kernels.triton_path import triton_backward, triton_forward
     from triton.testing import do_bench
+
+    from edgetune.kernels.triton_path import triton_backward, triton_forward
 
     f = FusedAdapter(UnfusedAdapter(d, RANK, BRANCHES, SCALE)).cuda()
     x, res, g = (torch.randn(T, d, device="cuda") for _ in range(3))
