@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
 import itertools
 import os
 import subprocess
@@ -353,3 +354,26 @@ def test_layout_budget() -> None:
         timeout=60,
     )
     assert done.returncode == 0, "tools/check_layout.py:\n" + done.stdout + done.stderr
+
+
+FACES = (
+    "edgetune.protocol",
+    "edgetune.config",
+    "edgetune.strategies",
+    "edgetune.models",
+    "edgetune.adapters",
+    "edgetune.data",
+    "edgetune.client",
+    "edgetune.sim",
+    "edgetune.measure",
+    "edgetune.onnx",
+)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_every_name_a_face_exports_resolves(face: str) -> None:
+    """A lazy face lists its names by hand: each one must exist in the module it names."""
+    module = importlib.import_module(face)
+    assert module.__all__, f"{face} exports nothing"
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert not missing, f"{face}.__all__ names that do not resolve: {missing}"

@@ -2,7 +2,7 @@
 
 Rooms: `flops` (FlopCounterMode with the formulas torch lacks; a setup's forward and step
 FLOPs), `profile` (`profile_backbone`: everything ``edgetune profile`` reports), `memory`
-(weight bytes per dtype, peak memory of a training step), `wire` (bytes of the safetensors
+(peak memory of a training step; exact weight bytes are `edgetune.models.weights`), `wire` (bytes of the safetensors
 bodies a client sends and receives per round), `setup` (the task model with its adapter and
 wire spec that a profile measures), `latency` (timed forward and step), `names` (the
 torch-free vocabulary: adapter choices, the metrics a client reports) and `cli` (the
@@ -28,16 +28,12 @@ __getattr__, __dir__, __all__ = lazy_face(
         "wire": ("download_bytes", "full_bytes", "update_bytes", "wire_bytes"),
         "latency": ("measure_latency",),
         "memory": (
-            "backbone_tensor_hashes",
-            "linear_weight_bytes",
             "make_train_step",
             "memory_estimate",
-            "memory_table",
             "peak_step_memory",
             "proc_status_bytes",
             "reset_peak_rss",
             "step_memory",
-            "weight_bytes",
         ),
         "profile": ("profile_backbone",),
         "cli": ("format_table", "register_cli", "run_cli"),

@@ -2,7 +2,8 @@
 
 `zoo` (named backbones, local Hugging Face folders, tiny test models; `load_backbone`),
 `quant` (bitsandbytes int8/nf4/fp4 on the linear layers, with a probe and fallback), `heads`
-(the classifier/LM task model around a backbone), and the converters `minilm_l3` (ONNX
+(the classifier/LM task model around a backbone), `weights` (exact weight bytes per dtype,
+quantized storage included), and the converters `minilm_l3` (ONNX
 initializers to a BertModel), `mobilenet` (the CNN class for the MobileNetV2 weights) and
 `preprocess` (image preprocessing).
 """
@@ -15,6 +16,7 @@ __getattr__, __dir__, __all__ = lazy_face(
         "zoo": ("ZOO", "Backbone", "BackboneSpec", "cache_dir", "embed_texts", "load_backbone"),
         "quant": ("apply_quant", "probe_quant", "quantize_model", "resolve_quant"),
         "heads": ("build_task_model",),
+        "weights": ("linear_weight_bytes", "memory_table", "weight_bytes"),
         "preprocess": ("ImagePreprocess",),
     },
 )
