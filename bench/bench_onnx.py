@@ -30,15 +30,17 @@ import numpy as np
 import torch
 from benchinfo import machine_info
 
-from edgetune.config import AdapterConfig
 from edgetune.adapters.fedadapter import apply_fedadapter
+from edgetune.config import AdapterConfig
 from edgetune.models.heads import build_task_model
 from edgetune.models.zoo import load_backbone
-from edgetune.onnx.export import MODEL_FILE, export_model, load_adapted
+from edgetune.onnx.export import export_model
 from edgetune.onnx.infer import OnnxClassifier
+from edgetune.onnx.layout import MODEL_FILE
+from edgetune.onnx.trace import load_adapted
 
 ROOT = Path(__file__).resolve().parents[1]
-MINE = ["edgetune/export.py", "edgetune/infer.py", "bench/bench_onnx.py"]
+MINE = ["edgetune/onnx", "bench/bench_onnx.py"]
 VARIANTS = ("torch", "ort_fp32", "ort_merged", "ort_int4")
 
 

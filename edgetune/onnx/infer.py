@@ -9,7 +9,9 @@ An adapter is an ONNX Runtime adapter file (`.onnx_adapter`, applied with
 (fed as graph inputs, merged first when the export is merged). Both are checked against the
 export's manifest before use: layout, backbone fingerprint / adapter config / classes (through
 the layout id), tensor names, shapes, dtypes and finiteness; each failure names the problem.
-Inference needs the export folder only: the tokenizer and class names are stored there.
+Inference needs the export folder only: the tokenizer and class names are stored there. This
+module loads no torch: it imports `edgetune.onnx.layout` and numpy, and onnxruntime, the
+tokenizer and PIL when they are used; `write_ort_adapter` is also the writer the export uses.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from edgetune.errors import ConfigError
-from edgetune.onnx.export import (
+from edgetune.onnx.images import preprocess_images
+from edgetune.onnx.layout import (
     LAYOUTS,
     MANIFEST_FILE,
     TOKENIZER_DIR,
@@ -30,6 +33,7 @@ from edgetune.onnx.export import (
     graph_tensors,
     read_adapter_file,
 )
+from edgetune.protocol.names import META_ADAPTER_CONFIG, META_FAMILY, META_FINGERPRINT
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class LoadedAdapter:
 
 
 def load_manifest(model_dir: str | Path) -> dict:
+    """The manifest of an export folder (`edgetune_export.json`), format checked."""
     path = Path(model_dir) / MANIFEST_FILE
     if not path.is_file():
         raise ConfigError(f"{model_dir} is not an export folder: {MANIFEST_FILE} is missing")
@@ -58,7 +63,9 @@ def load_manifest(model_dir: str | Path) -> dict:
     return manifest
 
 
-def check_tensors(path: Path, tensors: dict[str, tuple[tuple, str, object]], manifest: dict):
+def check_tensors(
+    path: Path, tensors: dict[str, tuple[tuple, str, object]], manifest: dict
+) -> None:
     """`tensors`: name -> (shape, dtype, values); names, shapes, dtype, finiteness vs manifest."""
     expected = {n: tuple(s) for n, s in manifest["adapter_inputs"].items()}
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -78,19 +85,20 @@ def check_tensors(path: Path, tensors: dict[str, tuple[tuple, str, object]], man
 def tensors_for_export(adapter_path: str | Path, manifest: dict) -> dict[str, np.ndarray]:
     """A client's safetensors adapter as this export's graph inputs (merged if need be)."""
     path = Path(adapter_path)
-    wire, meta = read_adapter_file(path)
-    for key, label in (("family", "family"), ("fingerprint", "backbone fingerprint")):
-        if meta[f"edgetune.{key}"] != manifest[key]:
+    arrays, meta = read_adapter_file(path)
+    for key, entry, label in (
+        (META_FAMILY, "family", "family"),
+        (META_FINGERPRINT, "fingerprint", "backbone fingerprint"),
+    ):
+        if meta[key] != manifest[entry]:
             raise ConfigError(
-                f"{path}: {label} {meta[f'edgetune.{key}']!r} does not match the export's "
-                f"{manifest[key]!r}"
+                f"{path}: {label} {meta[key]!r} does not match the export's {manifest[entry]!r}"
             )
-    if meta["edgetune.adapter_config"] != manifest["adapter_config"]:
+    if meta[META_ADAPTER_CONFIG] != manifest["adapter_config"]:
         raise ConfigError(
-            f"{path}: adapter config {meta['edgetune.adapter_config']} does not match the "
+            f"{path}: adapter config {meta[META_ADAPTER_CONFIG]} does not match the "
             f"export's {manifest['adapter_config']}"
         )
-    arrays = {n: t.float().numpy() for n, t in wire.items()}
     missing = sorted(set(manifest["adapter_inputs"]) - set(arrays))
     if manifest["layout"] == "wire" and missing:
         raise ConfigError(f"{path}: missing tensors {missing[:5]} (saved without some groups?)")
@@ -203,13 +211,11 @@ class OnnxClassifier:
                 list(inputs), padding=True, truncation=True, max_length=512, return_tensors="np"
             )
             return {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
-        from edgetune.models.preprocess import ImagePreprocess
-
-        pre = ImagePreprocess(**self.manifest["preprocess"])
+        pre = self.manifest["preprocess"]
         arrays = [_read_image(x) if isinstance(x, (str, Path)) else np.asarray(x) for x in inputs]
-        return {"pixel_values": np.concatenate([pre(a).numpy() for a in arrays])}
+        return {"pixel_values": np.concatenate([preprocess_images(a, **pre) for a in arrays])}
 
-    def logits(self, inputs: list, adapter: str | Path | LoadedAdapter | None = None):
+    def logits(self, inputs: list, adapter: str | Path | LoadedAdapter | None = None) -> np.ndarray:
         """Logits [N, n_classes]; `adapter` None runs the exported client's adapter."""
         import onnxruntime as ort
 
@@ -223,7 +229,9 @@ class OnnxClassifier:
                 feeds.update(loaded.feeds)
         return self.session.run(["logits"], feeds, options)[0]
 
-    def predict(self, inputs: list, adapter: str | Path | LoadedAdapter | None = None):
+    def predict(
+        self, inputs: list, adapter: str | Path | LoadedAdapter | None = None
+    ) -> list[Prediction]:
         """One Prediction (label, index, probabilities by label) per input."""
         logits = self.logits(inputs, adapter).astype(np.float64)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))

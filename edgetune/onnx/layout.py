@@ -149,7 +149,7 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str
     try:
         with safe_open(str(path), "np") as handle:
             meta = handle.metadata() or {}
-            names = list(handle.keys())  # noqa: SIM118 (a safe_open handle is not a dict)
+            names = list(handle.keys())
             bf16 = [n for n in names if handle.get_slice(n).get_dtype() == "BF16"]
             tensors = {n: handle.get_tensor(n) for n in names if n not in bf16}
         tensors.update(_read_bf16(path, bf16))

@@ -1,4 +1,6 @@
-"""ONNX export + ONNX Runtime inference (issue 9): parity with torch, adapter swap, errors, int4.
+"""ONNX export + ONNX Runtime inference (issue 9): parity with torch, adapter swap, errors, int4,
+and torch-free inference (adapter files read with numpy, numpy image preprocessing, a text export
+run where torch cannot be imported).
 
 Exports are the slow part (~10 s for MiniLM-L6, ~6 s for L3), so each export folder is built
 once per module and shared; the torch references are the same task models the adapter files
@@ -11,6 +13,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,13 +25,25 @@ import pytest
 import torch
 
 from edgetune.adapters.fedadapter import apply_fedadapter
-from edgetune.config import AdapterConfig
+from edgetune.config import AdapterConfig, LoraConfig
 from edgetune.errors import ConfigError
 from edgetune.models.heads import build_task_model
-from edgetune.onnx.export import ADAPTER_FILE, MODEL_FILE, export_model, graph_tensors
+from edgetune.onnx.export import export_model
 from edgetune.onnx.export import register_cli as register_export
 from edgetune.onnx.infer import OnnxClassifier, convert_adapter
 from edgetune.onnx.infer import register_cli as register_infer
+from edgetune.onnx.layout import (
+    ADAPTER_FILE,
+    MODEL_FILE,
+    config_from_json,
+    config_json,
+    graph_tensors,
+    layer_layouts,
+    read_adapter_file,
+)
+from edgetune.protocol.names import HEAD_NAMES, META_ADAPTER_CONFIG, META_FAMILY
+
+REPO = Path(__file__).resolve().parents[2]
 
 CONFIG = AdapterConfig(rank=16, n_anchors=2)
 N_CLASSES = 4
@@ -314,3 +332,125 @@ def test_cli_infer_and_adapter_conversion(l6, capsys):
     assert args.func(args) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(expected.label + "\t") and text in line
+
+
+# -- torch-free inference ----------------------------------------------------------------------
+def run_python(code: str) -> str:
+    """Run `code` in a fresh interpreter (offline); its stdout. A failure shows its stderr."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_infer_module_imports_no_torch():
+    run_python("import sys, edgetune.onnx.infer; assert 'torch' not in sys.modules")
+
+
+def test_face_and_cli_registration_load_neither_torch_nor_onnxruntime():
+    run_python(
+        "import argparse, sys, edgetune.onnx as face\n"
+        "face.OnnxClassifier, face.export_model, face.read_adapter_file\n"
+        "face.register_cli(argparse.ArgumentParser().add_subparsers())\n"
+        "loaded = {'torch', 'onnxruntime'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+
+
+def test_onnx_only_inference_runs_without_torch(l6, tmp_path):
+    """A text export classifies with a safetensors adapter and a converted one where torch
+    cannot be imported (as on a device without it).
+
+    Where torch is installed, transformers' AutoTokenizer imports it by itself (transformers 5),
+    so the subprocess hides torch instead of only asserting that it was not imported.
+    """
+    root, texts = l6["root"], ["a good dinner with friends", "the meeting ran late again"]
+    adapter, export = str(root / "b.safetensors"), str(root / "export")
+    code = f"""
+import json, sys
+sys.modules["torch"] = None  # `import torch` now fails, as where it is not installed
+from edgetune.onnx.infer import OnnxClassifier, convert_adapter
+clf = OnnxClassifier({export!r})
+converted = convert_adapter({adapter!r}, {export!r}, {str(tmp_path / "b.onnx_adapter")!r})
+print(json.dumps([clf.logits({texts!r}, adapter=a).tolist() for a in ({adapter!r}, converted)]))
+"""
+    rows = json.loads(run_python(code))
+    batch = l6["clf"].tokenizer(texts, padding=True, return_tensors="np")
+    expected = torch_logits(l6["b"], {k: batch[k].astype(np.int64) for k in batch})
+    for got in rows:
+        np.testing.assert_allclose(np.array(got), expected, atol=1e-4, rtol=0)
+
+
+def test_config_json_matches_the_adapter_handle():
+    from edgetune.adapters.handle import config_json as handle_config_json
+
+    configs = [
+        CONFIG,
+        AdapterConfig(),
+        AdapterConfig(rank=8, gate="token", scale=0.5, blocks=(1, 3), dropout=0.1),
+        AdapterConfig(branches=("family", "private"), n_anchors=0, blocks="from:2"),
+    ]
+    for config in configs:
+        assert config_json(config) == handle_config_json(config)
+        assert config_from_json(config_json(config)) == config
+    lora = LoraConfig(targets=("query", "key", "value"))
+    assert config_json(lora) == handle_config_json(lora)
+
+
+def test_layer_layouts_name_exactly_the_saved_tensors(l6):
+    tensors, meta = read_adapter_file(l6["root"] / "a.safetensors")
+    config = config_from_json(meta[META_ADAPTER_CONFIG])
+    names = set(HEAD_NAMES)
+    for lay in layer_layouts(config, 6):
+        names.update({*lay.C, *lay.q, lay.gate, *(lay.name(k) for k in ("D", "b_D", "U", "b_U"))})
+    assert names == set(tensors)
+
+
+def test_adapter_file_reads_bf16_and_fp16_without_torch(tmp_path):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    saved = {
+        "family.head.weight": torch.randn(4, 8, generator=gen).bfloat16(),
+        "family.head.bias": torch.randn(4, generator=gen).half(),
+        "family.layer0.D": torch.randn(8, 2, generator=gen),
+    }
+    meta = {META_FAMILY: "f", "edgetune.fingerprint": "0" * 16, META_ADAPTER_CONFIG: "{}"}
+    save_file(saved, str(tmp_path / "a.safetensors"), metadata=meta)
+    tensors, got_meta = read_adapter_file(tmp_path / "a.safetensors")
+    assert got_meta == meta
+    for name, value in saved.items():
+        assert tensors[name].dtype == np.float32
+        np.testing.assert_array_equal(tensors[name], value.float().numpy())
+    save_file(saved, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ConfigError, match=r"metadata has no 'edgetune\.family'"):
+        read_adapter_file(tmp_path / "bare.safetensors")
+
+
+IMAGENET = {"size": 224, "resize": 256, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,kwargs",
+    [
+        ((40, 48, 3), np.uint8, {"size": 32}),  # shrink (antialiased)
+        ((20, 17, 3), np.uint8, {"size": 32}),  # grow
+        ((2, 300, 260, 4), np.uint8, IMAGENET),  # a batch, RGBA, resize then crop
+        ((50, 33), np.float32, {"size": 16}),  # one grey image
+        ((3, 70, 64), np.float32, {"size": 8}),  # a batch of grey images
+        ((32, 32, 1), np.uint8, {"size": 32}),  # no resize
+    ],
+)
+def test_numpy_image_preprocessing_matches_torch(shape, dtype, kwargs):
+    from edgetune.models.preprocess import ImagePreprocess
+    from edgetune.onnx.images import preprocess_images
+
+    rng = np.random.default_rng(0)
+    images = rng.random(shape)
+    images = (images * 255).astype(np.uint8) if dtype == np.uint8 else images.astype(dtype)
+    expected = ImagePreprocess(**kwargs)(images).numpy()
+    got = preprocess_images(images, **kwargs)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
