@@ -4,11 +4,11 @@ import hashlib
 
 import pytest
 import torch
-from edgetune.kernels import reference_adapter
 
 from edgetune.adapters.fedadapter import FedAdapterLayer, apply_fedadapter
 from edgetune.config import AdapterConfig
 from edgetune.errors import ConfigError
+from edgetune.kernels import reference_adapter
 from edgetune.models.heads import build_task_model
 from edgetune.models.zoo import load_backbone
 
