@@ -12,7 +12,7 @@ __getattr__, __dir__, __all__ = lazy_face(
     {
         "fedadapter": ("FedAdapterLayer", "apply_fedadapter"),
         "lora": ("LoraHandle", "LoraLinear", "apply_lora"),
-        "handle": ("AdapterHandle", "config_json"),
+        "handle": ("AdapterHandle",),
         "build": ("inject", "wire_spec"),
     },
 )

@@ -10,13 +10,13 @@ Groups (the names are those of `edgetune.protocol.core`):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from edgetune.config.sections import section_json
 from edgetune.errors import ConfigError
 from edgetune.protocol import (
     GATE_LEAF,
@@ -135,7 +135,7 @@ class AdapterHandle:
     # -- files -------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
         return {
-            META_ADAPTER_CONFIG: config_json(self.config),
+            META_ADAPTER_CONFIG: section_json(self.config),
             META_FINGERPRINT: self.spec.fingerprint,
             META_FAMILY: self.spec.family,
         }
@@ -185,13 +185,3 @@ class AdapterHandle:
             setattr(parent, leaf, original)
         self._originals = {}
         return self.model
-
-
-def config_json(config) -> str:
-    data = dict(config.__dict__)
-    for key in ("branches", "targets"):  # LoraConfig has targets, AdapterConfig branches
-        if key in data:
-            data[key] = list(data[key])
-    if isinstance(data.get("blocks"), tuple):
-        data["blocks"] = list(data["blocks"])
-    return json.dumps(data, sort_keys=True)

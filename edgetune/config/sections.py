@@ -8,6 +8,8 @@ allowed.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +47,12 @@ def check_number(key: str, value: Any, low: float, high: float = math.inf, *, op
     ok = ok and (value > low if open_low else value >= low) and value <= high
     bound = f"({low}" if open_low else f"[{low}"
     check(ok, key, value, f"must be a finite number in {bound}, {high}]")
+
+
+def section_json(section: Any) -> str:
+    """Canonical JSON of a section dataclass (sorted keys, tuples as lists): what an adapter
+    file and an ONNX export record as their adapter config."""
+    return json.dumps(dataclasses.asdict(section), sort_keys=True)
 
 
 def check_tier(section: str, backbone: str, quant: str, rank: int) -> None:
@@ -101,6 +109,18 @@ class AdapterConfig:
         check_number("adapter.scale", self.scale, 0.0, open_low=True)
         check_number("adapter.dropout", self.dropout, 0.0, 0.999)
         parse_blocks(self.blocks, num_layers=None)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        """Inverse of `section_json`; a text that is no adapter config raises ConfigError."""
+        try:
+            data = json.loads(text)
+            data["branches"] = tuple(data["branches"])
+            if isinstance(data.get("blocks"), list):
+                data["blocks"] = tuple(data["blocks"])
+            return cls(**data)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(f"adapter config {text[:80]!r} is not valid: {err}") from err
 
     def adapted_blocks(self, num_layers: int) -> list[int]:
         return parse_blocks(self.blocks, num_layers)

@@ -3,7 +3,7 @@
 Rooms: `layout` (torch-free facts both sides share: export folder file names, adapter tensor
 layouts, the merge fold, the layout id, reading a client's safetensors adapter with numpy),
 `infer` (`OnnxClassifier`, adapter files and their checks, `edgetune infer`; torch-free),
-`images` (numpy image preprocessing for inference), `export` (`export_model`, the manifest,
+`export` (`export_model`, the manifest,
 `edgetune export`; loads torch only when an export runs), `trace` (torch: the adapted task model
 traced to ONNX, the fused op's lowering), `int4` (4-bit backbone weights) and `cli` (both
 subcommands). Names load on first use, so importing this face loads neither torch nor
@@ -22,8 +22,6 @@ __getattr__, __dir__, __all__ = lazy_face(
             "MODEL_FILE",
             "TOKENIZER_DIR",
             "LayerLayout",
-            "config_from_json",
-            "config_json",
             "graph_tensors",
             "layer_layouts",
             "layout_id",
@@ -39,7 +37,6 @@ __getattr__, __dir__, __all__ = lazy_face(
             "load_manifest",
             "write_ort_adapter",
         ),
-        "images": ("preprocess_images",),
         "export": ("ExportResult", "export_model"),
         "trace": ("load_adapted",),
         "int4": ("quantize_int4",),

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgetune.config.sections import section_json
 from edgetune.errors import ConfigError
 from edgetune.onnx.infer import convert_adapter, write_ort_adapter
 from edgetune.onnx.layout import (
@@ -41,7 +42,6 @@ from edgetune.onnx.layout import (
     MANIFEST_FILE,
     MODEL_FILE,
     TOKENIZER_DIR,
-    config_json,
     graph_tensors,
     layout_id,
 )
@@ -122,7 +122,7 @@ def _manifest(
         "fingerprint": spec.fingerprint,
         "modality": spec.modality,
         "num_layers": spec.num_layers,
-        "adapter_config": config_json(config),
+        "adapter_config": section_json(config),
         "n_classes": n_classes,
         "labels": labels,
         "layout": layout,

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetune.config import AdapterConfig
 from edgetune.errors import ConfigError
-from edgetune.onnx.images import preprocess_images
+from edgetune.models.preprocess import preprocess_images
 from edgetune.onnx.layout import (
     LAYOUTS,
     MANIFEST_FILE,
     TOKENIZER_DIR,
-    config_from_json,
     graph_tensors,
     read_adapter_file,
 )
@@ -102,7 +102,7 @@ def tensors_for_export(adapter_path: str | Path, manifest: dict) -> dict[str, np
     missing = sorted(set(manifest["adapter_inputs"]) - set(arrays))
     if manifest["layout"] == "wire" and missing:
         raise ConfigError(f"{path}: missing tensors {missing[:5]} (saved without some groups?)")
-    config = config_from_json(manifest["adapter_config"])
+    config = AdapterConfig.from_json(manifest["adapter_config"])
     try:
         out = graph_tensors(arrays, config, manifest["num_layers"], manifest["layout"])
     except KeyError as err:

@@ -9,8 +9,7 @@ An export folder holds `MODEL_FILE`, `ADAPTER_FILE`, `MANIFEST_FILE` and `TOKENI
 
 `read_adapter_file` reads a client's safetensors adapter (`AdapterHandle.save`) with numpy, so
 inference can take one without torch; `graph_tensors` turns its wire tensors into a layout's
-graph inputs. `config_json` / `config_from_json` are the adapter config's JSON (byte-identical
-to `edgetune.adapters.handle.config_json`, which a test pins) and `layout_id` the 31-bit id an
+graph inputs. `layout_id` the 31-bit id an
 adapter file must carry to fit an export.
 """
 
@@ -20,11 +19,11 @@ import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edgetune.config import AdapterConfig
+from edgetune.config.sections import section_json
 from edgetune.errors import ConfigError
 from edgetune.protocol.names import (
     GATE_LEAF,
@@ -108,29 +107,9 @@ def layer_layouts(config: AdapterConfig, num_layers: int) -> list[LayerLayout]:
 
 
 # -- adapter config JSON ------------------------------------------------------------------------
-def config_json(config: Any) -> str:
-    """Canonical JSON of an adapter (or LoRA) config dataclass: sorted keys, tuples as lists.
-
-    Byte-identical to `edgetune.adapters.handle.config_json`, without its torch import.
-    """
-    return json.dumps(dict(vars(config)), sort_keys=True)  # json writes tuples as lists
-
-
-def config_from_json(text: str) -> AdapterConfig:
-    """Inverse of `config_json` for an `AdapterConfig`; a bad text raises ConfigError."""
-    try:
-        data = json.loads(text)
-        data["branches"] = tuple(data["branches"])
-        if isinstance(data.get("blocks"), list):
-            data["blocks"] = tuple(data["blocks"])
-        return AdapterConfig(**data)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ConfigError(f"adapter config {text[:80]!r} is not valid: {err}") from err
-
-
 def layout_id(fingerprint: str, config: AdapterConfig, n_classes: int, layout: str) -> int:
     """31-bit id of what an adapter file must fit: backbone, adapter config, classes, layout."""
-    key = f"{fingerprint}|{config_json(config)}|{n_classes}|{layout}"
+    key = f"{fingerprint}|{section_json(config)}|{n_classes}|{layout}"
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 

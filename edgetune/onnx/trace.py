@@ -26,7 +26,7 @@ from edgetune.adapters.fedadapter import apply_fedadapter
 from edgetune.config import AdapterConfig
 from edgetune.errors import ConfigError
 from edgetune.models.zoo import Backbone, load_backbone
-from edgetune.onnx.layout import LayerLayout, config_from_json, layer_layouts, read_adapter_file
+from edgetune.onnx.layout import LayerLayout, layer_layouts, read_adapter_file
 from edgetune.protocol.names import HEAD_BIAS, HEAD_WEIGHT, META_ADAPTER_CONFIG, QUANT_NONE
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def load_adapted(
         backbone = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
     if backbone.quant != QUANT_NONE:
         raise ConfigError(f"export needs the fp32 backbone, got quant={backbone.quant!r}")
-    config = config_from_json(meta[META_ADAPTER_CONFIG])
+    config = AdapterConfig.from_json(meta[META_ADAPTER_CONFIG])
     n_classes = int(tensors[HEAD_WEIGHT].shape[0])
     task = build_task_model(backbone, "classify", n_classes)
     handle = apply_fedadapter(task.body, backbone.spec, config, head=task.head)
