@@ -19,16 +19,10 @@ from typing import Any
 
 from edgetune.config import RunConfig, ServerConfig
 from edgetune.protocol import (
-    META_FAMILY,
-    META_KIND,
-    META_ROUND,
-    META_SPEC,
-    PAYLOAD_FAMILY,
-    PAYLOAD_GLOBAL,
     AdapterSpec,
     ProtocolError,
     decode_payload,
-    encode_payload,
+    encode_model,
     initial_tensors,
 )
 from edgetune.strategies.aggregation import TensorDict
@@ -149,21 +143,10 @@ class Registry:
         self._put_model(txn, family_model(spec.family), 0, fam, spec=spec)
         txn.later("family_pinned", family=spec.family, spec_hash=spec.spec_hash)
 
-    def _encode_model(
-        self, name: str, version: int, tensors: TensorDict, spec: AdapterSpec | None
-    ) -> bytes:
-        meta = {
-            META_KIND: PAYLOAD_GLOBAL if name == GLOBAL else PAYLOAD_FAMILY,
-            META_ROUND: str(version),
-        }
-        if spec is not None:
-            meta.update({META_FAMILY: spec.family, META_SPEC: spec.to_json()})
-        return encode_payload(tensors, meta)
-
     def _put_model(
         self, txn: Txn, name: str, version: int, tensors: TensorDict, spec: AdapterSpec | None
     ) -> None:
-        data = self._encode_model(name, version, tensors, spec)
+        data = encode_model(tensors, version, spec)
         digest = self.storage.blobs.put(data)
         self.storage.put_model_row(txn.conn, name, version, digest, len(data))
 
@@ -190,7 +173,7 @@ class Registry:
             tensors = decode_payload(data).tensors
             view = self.strategy.download_view(tensors, spec)
             if view is not tensors:
-                data = self._encode_model(name, version, view, self._family_spec(name))
+                data = encode_model(view, version, self._family_spec(name))
         with self._counter_lock:
             self._bytes_out_pending += len(data)
         return data, version

@@ -25,6 +25,7 @@ from edgetune.protocol import (
     UpdateMeta,
     decode_payload,
     decompress_tensors,
+    encode_model,
 )
 from edgetune.strategies import make_strategy
 from edgetune.strategies.aggregation import ClientUpdate, TensorDict
@@ -321,7 +322,7 @@ class Coordinator(Registry):
         blobs = {}
         for name, tensors in result.models.items():
             fam_spec = self._family_spec(name)
-            data = self._encode_model(name, round_id, tensors, fam_spec)
+            data = encode_model(tensors, round_id, fam_spec)
             blobs[name] = (self.storage.blobs.put(data), len(data))
         skipped = failed + result.skipped
         summary = {**result.summary, "updates": len(records), "skipped": skipped}

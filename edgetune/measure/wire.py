@@ -16,16 +16,14 @@ from edgetune.measure.names import ADAPTER_FULL, CLIENT_METRICS
 from edgetune.protocol import (
     BUNDLE_GLOBAL,
     COMPRESSION_NONE,
-    META_FAMILY,
     META_KIND,
-    META_ROUND,
-    META_SPEC,
     PAYLOAD_FAMILY,
     PAYLOAD_GLOBAL,
     AdapterSpec,
     ErrorFeedback,
     UpdateMeta,
     compress_update,
+    encode_model,
     encode_payload,
     initial_tensors,
 )
@@ -65,16 +63,9 @@ def update_bytes(
 def download_bytes(spec: AdapterSpec, seed: int = 0, version: int = 1) -> dict[str, int]:
     """Sizes of the global and family models the server serves (its metadata included)."""
     glob, fam = initial_tensors(spec, seed)
-    family_meta = {
-        META_KIND: PAYLOAD_FAMILY,
-        META_ROUND: str(version),
-        META_FAMILY: spec.family,
-        META_SPEC: spec.to_json(),
-    }
-    out = {PAYLOAD_FAMILY: len(encode_payload(fam, family_meta))}
+    out = {PAYLOAD_FAMILY: len(encode_model(fam, version, spec))}
     if glob:
-        global_meta = {META_KIND: PAYLOAD_GLOBAL, META_ROUND: str(version)}
-        out[PAYLOAD_GLOBAL] = len(encode_payload(glob, global_meta))
+        out[PAYLOAD_GLOBAL] = len(encode_model(glob, version, None))
     return out
 
 

@@ -32,7 +32,14 @@ __getattr__, __dir__, __all__ = lazy_face(
     {
         "names": tuple(_names.__all__),
         "spec": ("AdapterSpec", "ProtocolError", "TensorSpec", "first_block_of"),
-        "codec": ("Payload", "TensorEntry", "decode_payload", "encode_payload", "parse_header"),
+        "codec": (
+            "Payload",
+            "TensorEntry",
+            "decode_payload",
+            "encode_model",
+            "encode_payload",
+            "parse_header",
+        ),
         "update": ("UpdateMeta", "encode_update"),
         "compression": (
             "ErrorFeedback",

@@ -18,8 +18,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 
-from edgetune.protocol.names import META_PROTOCOL, PROTOCOL_VERSION
-from edgetune.protocol.spec import ProtocolError
+from edgetune.protocol.names import (
+    META_FAMILY,
+    META_KIND,
+    META_PROTOCOL,
+    META_ROUND,
+    META_SPEC,
+    PAYLOAD_FAMILY,
+    PAYLOAD_GLOBAL,
+    PROTOCOL_VERSION,
+)
+from edgetune.protocol.spec import AdapterSpec, ProtocolError
 
 #: safetensors dtype tag -> (torch dtype, bytes per element). Only float types are allowed.
 FLOAT_DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -172,3 +181,15 @@ def decode_payload(data: bytes) -> Payload:
             "not_safetensors", f"safetensors could not load the payload: {exc}"
         ) from exc
     return Payload(tensors=tensors, metadata=dict(metadata))
+
+
+def encode_model(
+    tensors: Mapping[str, torch.Tensor], version: int, spec: AdapterSpec | None
+) -> bytes:
+    """A model as the server serves it: the global branch (``spec`` None) or a family's model
+    (its spec in the header), produced by round ``version`` (0: the initial model)."""
+    if spec is None:
+        return encode_payload(tensors, {META_KIND: PAYLOAD_GLOBAL, META_ROUND: str(version)})
+    meta = {META_KIND: PAYLOAD_FAMILY, META_ROUND: str(version)}
+    meta |= {META_FAMILY: spec.family, META_SPEC: spec.to_json()}
+    return encode_payload(tensors, meta)
