@@ -81,8 +81,8 @@ __all__ = [
     "group_of",
     "head_name",
     "in_group",
-    "is_lora_factor",
     "layer_leaf_shapes",
+    "lora_factor",
     "lora_name",
     "private_name",
 ]
@@ -201,9 +201,13 @@ def in_group(name: str, group: str) -> bool:
     return finest == group or (group == GROUP_FAMILY and finest == GROUP_HEAD)
 
 
-def is_lora_factor(name: str, leaf: str) -> bool:
-    """True for ``lora.<module>.<leaf>`` (leaf ``A`` or ``B``)."""
-    return name.startswith(f"{GROUP_LORA}.") and name.endswith(f".{leaf}")
+def lora_factor(name: str) -> tuple[str, str] | None:
+    """``(module, leaf)`` of a LoRA factor name ``lora.<module>.A|B``, else None."""
+    group, _, rest = name.partition(".")
+    module, _, leaf = rest.rpartition(".")
+    if group != GROUP_LORA or not module or leaf not in ("A", "B"):
+        return None
+    return module, leaf
 
 
 # -- anchor placement -----------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from edgetune.protocol.names import GROUP_FAMILY, lora_factor, lora_name
+
 TensorDict = dict[str, Tensor]
 
 
@@ -171,8 +173,9 @@ def fedadapter(
     """
     if not updates:
         raise ValueError("fedadapter needs at least one update")
-    with_family = [u for u in updates if any(k.startswith("family.") for k in u.tensors)]
-    families = {m: fedavg(us, "family.") for m, us in group_by_family(with_family).items()}
+    family = f"{GROUP_FAMILY}."
+    with_family = [u for u in updates if any(k.startswith(family) for k in u.tensors)]
+    families = {m: fedavg(us, family) for m, us in group_by_family(with_family).items()}
     gkeys = list(global_params)
     groups = group_by_family([u for u in updates if all(k in u.tensors for k in gkeys)])
     if not groups:
@@ -194,16 +197,19 @@ def fedadapter(
 # -- LoRA baselines --------------------------------------------------------------------------
 def lora_modules(tensors: Mapping[str, Tensor]) -> list[str]:
     """Module names that carry LoRA factors (``lora.<module>.A`` / ``.B``), sorted."""
-    return sorted(
-        k[len("lora.") : -2] for k in tensors if k.startswith("lora.") and k.endswith(".A")
-    )
+    factors = (lora_factor(k) for k in tensors)
+    return sorted(f[0] for f in factors if f is not None and f[1] == "A")
 
 
 def lora_rank(tensors: Mapping[str, Tensor]) -> int:
     mods = lora_modules(tensors)
     if not mods:
         raise ValueError("no lora.<module>.A tensors")
-    return int(tensors[f"lora.{mods[0]}.A"].shape[0])
+    return int(tensors[lora_name(mods[0], "A")].shape[0])
+
+
+#: The rank axis of each LoRA factor: A is [rank, d_in], B is [d_out, rank].
+RANK_DIM = {"A": 0, "B": 1}
 
 
 def _pad_rank(t: Tensor, rank: int, dim: int) -> Tensor:
@@ -216,7 +222,7 @@ def _pad_rank(t: Tensor, rank: int, dim: int) -> Tensor:
 
 
 def _non_lora_average(updates: Sequence[ClientUpdate]) -> TensorDict:
-    rest = [{k: v for k, v in u.tensors.items() if not k.startswith("lora.")} for u in updates]
+    rest = [{k: v for k, v in u.tensors.items() if lora_factor(k) is None} for u in updates]
     if not rest[0]:
         return {}
     return weighted_average(rest, [u.num_samples for u in updates])
@@ -225,18 +231,14 @@ def _non_lora_average(updates: Sequence[ClientUpdate]) -> TensorDict:
 def hetlora(updates: Sequence[ClientUpdate]) -> TensorDict:
     """HetLoRA: zero-pad every client's factors to the largest rank, FedAvg, keep r_max.
 
-    A client of rank r gets its share back with ``protocol.truncate_lora(result, r)``.
+    A client of rank r gets its share back with ``truncate_lora(result, r)``.
     """
     r_max = max(lora_rank(u.tensors) for u in updates)
     padded = []
     for u in updates:
-        p = {}
-        for k, v in u.tensors.items():
-            if k.startswith("lora.") and k.endswith(".A"):
-                p[k] = _pad_rank(v, r_max, 0)
-            elif k.startswith("lora.") and k.endswith(".B"):
-                p[k] = _pad_rank(v, r_max, 1)
-        padded.append(p)
+        factors = {k: lora_factor(k) for k in u.tensors}
+        dims = {k: RANK_DIM[f[1]] for k, f in factors.items() if f is not None}
+        padded.append({k: _pad_rank(u.tensors[k], r_max, dim) for k, dim in dims.items()})
     out = weighted_average(padded, [u.num_samples for u in updates])
     out.update(_non_lora_average(updates))
     return out
@@ -245,9 +247,10 @@ def hetlora(updates: Sequence[ClientUpdate]) -> TensorDict:
 def stacked_factors(updates: Sequence[ClientUpdate], module: str) -> tuple[Tensor, Tensor]:
     """(B_stack, A_stack) with B_stack @ A_stack = sum_c w_c B_c A_c (w normalized n_c)."""
     ws = _normalized([u.num_samples for u in updates])
-    a = torch.cat([u.tensors[f"lora.{module}.A"].to(torch.float64) for u in updates], dim=0)
+    a = torch.cat([u.tensors[lora_name(module, "A")].to(torch.float64) for u in updates], dim=0)
     b = torch.cat(
-        [u.tensors[f"lora.{module}.B"].to(torch.float64) * w for u, w in zip(updates, ws)], dim=1
+        [u.tensors[lora_name(module, "B")].to(torch.float64) * w for u, w in zip(updates, ws)],
+        dim=1,
     )
     return b, a
 
@@ -269,7 +272,7 @@ def flexlora(updates: Sequence[ClientUpdate], rank: int | None = None) -> Tensor
 
     Returns factors at ``rank`` (default: the largest client rank), singular values split as
     ``B = U sqrt(S)``, ``A = sqrt(S) Vh`` in descending order, so a client's truncated SVD of
-    rank r is ``protocol.truncate_lora(result, r)``.
+    rank r is ``truncate_lora(result, r)``.
     """
     r_out = rank if rank is not None else max(lora_rank(u.tensors) for u in updates)
     dtype = next(iter(updates[0].tensors.values())).dtype
@@ -280,8 +283,8 @@ def flexlora(updates: Sequence[ClientUpdate], rank: int | None = None) -> Tensor
         k = min(r_out, s.shape[0])
         root = s[:k].sqrt()
         new_b, new_a = u[:, :k] * root, root[:, None] * vh[:k]
-        out[f"lora.{mod}.B"] = _pad_rank(new_b, r_out, 1).to(dtype)
-        out[f"lora.{mod}.A"] = _pad_rank(new_a, r_out, 0).to(dtype)
+        out[lora_name(mod, "B")] = _pad_rank(new_b, r_out, 1).to(dtype)
+        out[lora_name(mod, "A")] = _pad_rank(new_a, r_out, 0).to(dtype)
     out.update(_non_lora_average(updates))
     return out
 
@@ -296,8 +299,8 @@ def flora(updates: Sequence[ClientUpdate]) -> TensorDict:
     out: TensorDict = {}
     for mod in lora_modules(updates[0].tensors):
         b, a = stacked_factors(updates, mod)
-        out[f"lora.{mod}.B"] = b.to(dtype)
-        out[f"lora.{mod}.A"] = a.to(dtype)
+        out[lora_name(mod, "B")] = b.to(dtype)
+        out[lora_name(mod, "A")] = a.to(dtype)
     out.update(_non_lora_average(updates))
     return out
 
@@ -309,12 +312,11 @@ def truncate_lora(tensors: Mapping[str, torch.Tensor], rank: int) -> dict[str, t
     """
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        is_a = name.startswith("lora.") and name.endswith(".A")
-        is_b = name.startswith("lora.") and name.endswith(".B")
-        if not (is_a or is_b):
+        factor = lora_factor(name)
+        if factor is None:
             out[name] = t
             continue
-        dim = 0 if is_a else 1
+        dim = RANK_DIM[factor[1]]
         fitted = t.narrow(dim, 0, min(rank, t.shape[dim]))
         if fitted.shape[dim] < rank:
             shape = list(t.shape)

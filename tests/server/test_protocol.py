@@ -130,3 +130,29 @@ def test_parse_header_rejects(blob: bytes, code: str) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_header(blob)
     assert info.value.code == code
+
+
+def test_wire_names_are_built_and_read_in_one_place() -> None:
+    from edgetune.protocol import (
+        family_name,
+        global_name,
+        group_of,
+        head_name,
+        in_group,
+        lora_factor,
+        lora_name,
+        private_name,
+    )
+
+    assert (
+        global_name(2, "C") == "global.anchor2.C" and family_name(5, "b_U") == "family.layer5.b_U"
+    )
+    assert private_name(0, "q") == "private.layer0.q" and head_name("bias") == "family.head.bias"
+    assert lora_name("encoder.layer.0.attention.self.query", "B").endswith("query.B")
+    assert lora_factor(lora_name("encoder.layer.0.query", "A")) == ("encoder.layer.0.query", "A")
+    for not_a_factor in ("lora.A", "lora.m.C", "family.layer0.D", "global.anchor1.q"):
+        assert lora_factor(not_a_factor) is None
+    assert group_of("family.head.weight") == "head" and in_group("family.head.weight", "family")
+    assert not in_group("family.layer0.D", "head")
+    spec = minilm_spec()  # the spec's schema uses the same builders
+    assert set(spec.global_tensors()) == {global_name(k, leaf) for k in (1, 2) for leaf in "Cq"}
