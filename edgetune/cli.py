@@ -31,7 +31,11 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="edgetune",
+        description="EdgeTune: federated fine-tuning on heterogeneous edge devices "
+        "(FedAdapter over frozen, quantized backbones). `edgetune demo` runs the main job.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

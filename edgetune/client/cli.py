@@ -13,9 +13,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgetune.errors import ConfigError, EdgeTuneError
+
+if TYPE_CHECKING:
+    from edgetune.config import RunConfig
 
 JOIN_TOKEN_ENV = "EDGETUNE_JOIN_TOKEN"
 
@@ -63,7 +66,7 @@ def register_cli(sub: Any) -> None:
     client.set_defaults(func=run_client)
 
 
-def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run config: file < flags < ``--set``; the server URL is required."""
     from edgetune.config import load_config
 

@@ -15,15 +15,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from edgetune.adapters import inject, wire_spec
+from edgetune.adapters import AdapterHandle, inject, wire_spec
 from edgetune.client.state import ADAPTER_FILE, FEEDBACK_FILE, STRATEGY_FILE, StateDir
 from edgetune.client.trainer import EncodedSplit, evaluate, measure_step_flops, train_local
 from edgetune.client.transport import ServerClient, ServerError
 from edgetune.config import RunConfig
 from edgetune.data.shards import load_shard
 from edgetune.models.heads import build_task_model
-from edgetune.models.zoo import load_backbone
+from edgetune.models.zoo import Backbone, load_backbone
 from edgetune.protocol import (
     GROUP_GLOBAL,
     META_GROUPS,
@@ -76,7 +77,7 @@ class ClientRuntime:
         self.state = self._load_state()
 
     # -- set-up ------------------------------------------------------------------------
-    def _inject(self, backbone, task):  # type: ignore[no-untyped-def]
+    def _inject(self, backbone: Backbone, task: nn.Module) -> AdapterHandle:
         c = self.config
         return inject(self.strategy.adapter, backbone, task.head, c.adapter, c.lora, self.rank)
 
