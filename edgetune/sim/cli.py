@@ -36,12 +36,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from edgetune.config import load_config
     from edgetune.sim.harness import run_simulation
+    from edgetune.sim.references import run_reference
 
     overrides = list(args.overrides) + ([f"strategy={args.strategy}"] if args.strategy else [])
     config = load_config(args.config or DEMO_CONFIG, overrides)
-    summary = run_simulation(config, args.out)
+    run = run_reference if config.strategy_def.reference else run_simulation
+    summary = run(config, args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "clients"}, indent=1))
-    print(f"outputs in {args.out}/ (metrics.jsonl, summary.json, *.png)")
+    made = "summary.json" if summary.get("reference") else "metrics.jsonl, summary.json, *.png"
+    print(f"outputs in {args.out}/ ({made})")
     failed = [c["client"] for c in summary["clients"] if c["returncode"] != 0]
     finished = not config.strategy_def.federated or summary["final_round"] == config.rounds
     if failed or not finished:

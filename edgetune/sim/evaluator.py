@@ -19,6 +19,7 @@ import numpy as np
 from edgetune.client.runtime import ClientRuntime
 from edgetune.client.trainer import EncodedSplit, evaluate
 from edgetune.config import ClientConfig, RunConfig
+from edgetune.data.datasets import Split
 from edgetune.errors import ConfigError
 from edgetune.models.zoo import load_backbone
 from edgetune.protocol import GROUP_PRIVATE
@@ -43,10 +44,7 @@ class FamilyEvaluator:
         data = dataclasses.replace(config.data, local_holdout=0.0)
         run = dataclasses.replace(config, client=client, data=data)
         self.runtime = ClientRuntime(run, token or "", tier="evaluator")
-        test = self.runtime.dataset.test
-        if data.eval_samples and data.eval_samples < len(test):
-            order = np.random.default_rng(config.seed).permutation(len(test))
-            test = test.subset(np.sort(order[: data.eval_samples]))
+        test = eval_subset(config, self.runtime.dataset.test)
         self.test = EncodedSplit(self.runtime.backbone, test, config.train.max_length)
         self.family = self.runtime.spec.family
         self.next_version = 0
@@ -97,6 +95,16 @@ class FamilyEvaluator:
         if private:
             zeros = {n: t.zero_() for n, t in private.items()}
             self.runtime.handle.load_group(GROUP_PRIVATE, zeros)
+
+
+def eval_subset(config: RunConfig, test: Split) -> Split:
+    """The test texts every global model and every reference row is scored on: the whole test
+    split, or a seeded sample of ``data.eval_samples`` of it."""
+    wanted = config.data.eval_samples
+    if not wanted or wanted >= len(test):
+        return test
+    order = np.random.default_rng(config.seed).permutation(len(test))
+    return test.subset(np.sort(order[:wanted]))
 
 
 def evaluation_plan(config: RunConfig) -> dict[str, tuple[str, int]]:

@@ -38,33 +38,46 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def client_configs(config: RunConfig, out: Path, url: str) -> list[RunConfig]:
+def client_configs(
+    config: RunConfig, out: Path, url: str, shards: ShardPlan | None = None
+) -> list[RunConfig]:
     """One run config per simulated client, in group order: the run's, with ``[client]``
-    filled from its ``[[group]]`` and its shard, and its own shuffling seed."""
+    filled from its ``[[group]]`` and its shard, and its own shuffling seed.
+
+    ``shards`` (default: client i holds shard i of ``num_clients``) lets a run of some of the
+    groups give its clients the shards they hold in the whole run (the `isolated` reference).
+    """
+    ids, total = shards or (list(range(config.num_clients)), config.num_clients)
     configs, index = [], 0
     for group in config.groups:
         for _ in range(group.count):
+            shard = ids[index]
             client = ClientConfig(
                 url=url,
                 state_dir=str(out / "clients" / f"c{index}"),
                 backbone=group.backbone,
                 quant=group.quant,
                 rank=group.rank,
-                shard=index,
-                shards=config.num_clients,
+                shard=shard,
+                shards=total,
                 max_rounds=config.rounds,
             )
-            train = dataclasses.replace(config.train, seed=config.seed * 1000 + index)
+            train = dataclasses.replace(config.train, seed=config.seed * 1000 + shard)
             configs.append(dataclasses.replace(config, client=client, train=train))
             index += 1
     return configs
 
 
+#: (shard of each client in group order, shards in all)
+ShardPlan = tuple[list[int], int]
+
+
 class Simulation:
     """Owns the server and client processes of one run; `run()` returns the summary."""
 
-    def __init__(self, config: RunConfig, out: Path) -> None:
+    def __init__(self, config: RunConfig, out: Path, shards: ShardPlan | None = None) -> None:
         self.config = config
+        self.shards = shards
         self.out = out
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -118,7 +131,7 @@ class Simulation:
         raise EdgeTuneError(f"server did not answer /v1/health within {timeout_s:.0f}s")
 
     def start_clients(self) -> None:
-        for config in client_configs(self.config, self.out, self.url):
+        for config in client_configs(self.config, self.out, self.url, self.shards):
             folder = Path(config.client.state_dir)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
@@ -220,7 +233,11 @@ class Simulation:
         return results
 
 
-def run_simulation(config: RunConfig, out: Path) -> dict[str, Any]:
-    summary = Simulation(config, out).run()
+def run_simulation(config: RunConfig, out: Path, shards: ShardPlan | None = None) -> dict[str, Any]:
+    """Run ``config`` (a federated or local strategy) into ``out``; reference rows are
+    `edgetune.sim.references.run_reference`."""
+    if config.strategy_def.reference:
+        raise ConfigError(f"strategy {config.strategy!r} is a reference row: use run_reference")
+    summary = Simulation(config, out, shards).run()
     write_plots(out)
     return summary

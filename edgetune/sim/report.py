@@ -136,7 +136,7 @@ class RoundTable:
                 personal_test[line].append(result["personal_test_acc"])
         n_clients = max(1, self.config.num_clients)
         total_up = sum(r["bytes_up"] for r in self.rows)
-        if self.config.strategy == "local":  # no server model exists, only personal ones
+        if not self.config.strategy_def.federated:  # no server model, only personal ones
             last = None
         return {
             "strategy": self.config.strategy,

@@ -37,9 +37,10 @@ class StrategyDef:
     name: str
     adapter: str
     summary: str
-    client: str
+    client: str | None = None
     server: str | None = None
     rank_scope: str = "family"
+    reference: bool = False  # a reference row `simulate` computes (edgetune.sim.references)
 
     @property
     def federated(self) -> bool:
@@ -51,6 +52,11 @@ class StrategyDef:
         return _load(self.server)
 
     def client_class(self) -> type:
+        if self.client is None:
+            raise ConfigError(
+                f"strategy {self.name!r} is a reference row that `edgetune simulate` computes; "
+                "no client takes part in it"
+            )
         return _load(self.client)
 
 
@@ -63,6 +69,13 @@ def _load(ref: str) -> Any:
 
 
 _FEDADAPTER = "edgetune.strategies.fedadapter"
+#: The reference rows every federated result stands beside (same split, same eval subset).
+REFERENCES = {
+    "probe": "per family: a linear classifier on frozen features, fit on all training data",
+    "centralized": "per family: the same adapter and head on all training data, same epochs",
+    "homogeneous": "per family: the same federation with every client on that family",
+    "isolated": "per family: FedAdapter among that family's clients alone, nothing shared",
+}
 _LORA = "edgetune.strategies.lora"
 
 STRATEGIES: dict[str, StrategyDef] = {
@@ -112,6 +125,10 @@ STRATEGIES: dict[str, StrategyDef] = {
             "local-only training, no server (a baseline)",
             client=f"{_FEDADAPTER}:LocalClient",
             rank_scope="client",
+        ),
+        *(
+            StrategyDef(name, KIND_FEDADAPTER, summary, rank_scope="client", reference=True)
+            for name, summary in REFERENCES.items()
         ),
     )
 }
