@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -238,42 +239,33 @@ def _load_mobilenet_v2(**_: object) -> Backbone:
     return Backbone(_freeze(model), spec, preprocess=preprocess)
 
 
-def _tiny_config(arch: str, hidden_size: int, num_layers: int):
-    from transformers import BertConfig, GPT2Config, LlamaConfig, ViTConfig
+def _tiny_config(arch: str, hidden_size: int, num_layers: int) -> Any:
+    """The transformers config of ``tiny-<arch>-d<hidden_size>-l<num_layers>`` (head dim 16)."""
+    import transformers
 
-    heads = hidden_size // 16  # head dim 16
     if hidden_size < 16 or hidden_size % 16:
         raise ZooError(f"tiny-{arch}: hidden_size {hidden_size} must be a multiple of 16")
-    if arch == "bert":
-        return BertConfig(
+    h, heads = hidden_size, hidden_size // 16
+    common = {"hidden_size": h, "num_hidden_layers": num_layers, "num_attention_heads": heads}
+    builders: dict[str, Callable[[], Any]] = {
+        "bert": lambda: transformers.BertConfig(
+            vocab_size=30522, intermediate_size=4 * h, **common
+        ),
+        "vit": lambda: transformers.ViTConfig(
+            image_size=32, patch_size=8, intermediate_size=4 * h, **common
+        ),
+        "gpt2": lambda: transformers.GPT2Config(
+            vocab_size=30522, n_embd=h, n_layer=num_layers, n_head=heads, n_positions=512
+        ),
+        "llama": lambda: transformers.LlamaConfig(
             vocab_size=30522,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            intermediate_size=4 * hidden_size,
-        )
-    if arch == "vit":
-        return ViTConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            intermediate_size=4 * hidden_size,
-        )
-    if arch == "gpt2":
-        return GPT2Config(
-            vocab_size=30522, n_embd=hidden_size, n_layer=num_layers, n_head=heads, n_positions=512
-        )
-    return LlamaConfig(
-        vocab_size=30522,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        intermediate_size=3 * hidden_size,
-        max_position_embeddings=512,
-    )
+            num_key_value_heads=heads,
+            intermediate_size=3 * h,
+            max_position_embeddings=512,
+            **common,
+        ),
+    }
+    return builders[arch]()
 
 
 def _load_tiny(
