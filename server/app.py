@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
@@ -26,6 +27,10 @@ from .storage import ClientRecord
 from .validation import ApiError
 
 OCTET = "application/octet-stream"
+#: Round ids and versions are SQLite integers: larger numbers are refused as 422 by name.
+MAX_ROUND = 2**62
+RoundId = Annotated[int, PathParam(ge=0, le=MAX_ROUND, description="round number")]
+Version = Annotated[int | None, Query(ge=0, le=MAX_ROUND, description="the model as of this round")]
 MAX_JSON_BYTES = 1024 * 1024  # cap for JSON control bodies (registration)
 _BINARY_BODY = {
     "requestBody": {
@@ -203,7 +208,7 @@ def _install_client_routes(app: FastAPI, coord: Coordinator) -> None:
 
 def _install_model_routes(app: FastAPI, coord: Coordinator) -> None:
     @app.get("/v1/global", response_class=Response, responses=_BINARY_RESPONSE, tags=["models"])
-    async def download_global(request: Request, version: int | None = None) -> Response:
+    async def download_global(request: Request, version: Version = None) -> Response:
         """Global branch (``global.*``) as safetensors: latest, or as of round ``version``."""
         client = await _client_of(coord, request)
         data, version = await run_in_threadpool(coord.download, GLOBAL, client, version)
@@ -215,9 +220,7 @@ def _install_model_routes(app: FastAPI, coord: Coordinator) -> None:
         responses=_BINARY_RESPONSE,
         tags=["models"],
     )
-    async def download_family(
-        family: str, request: Request, version: int | None = None
-    ) -> Response:
+    async def download_family(family: str, request: Request, version: Version = None) -> Response:
         """Family bundle (``family.*`` / ``lora.*``): latest, or as of round ``version``."""
         client = await _client_of(coord, request)
         name = family_model(family)
@@ -229,7 +232,7 @@ def _install_upload_and_status_routes(app: FastAPI, coord: Coordinator) -> None:
     @app.put(
         "/v1/rounds/{round_id}/updates/{client_id}", openapi_extra=_BINARY_BODY, tags=["rounds"]
     )
-    async def upload(round_id: int, client_id: str, request: Request) -> JSONResponse:
+    async def upload(round_id: RoundId, client_id: str, request: Request) -> JSONResponse:
         """Upload this client's update for a round (201; identical retry 200; other 4xx)."""
         client = await _client_of(coord, request)
         if client.client_id != client_id:

@@ -19,6 +19,7 @@ from typing import Any
 
 from edgetune.config import RunConfig, ServerConfig
 from edgetune.protocol import (
+    MAX_HEADER_BYTES,
     AdapterSpec,
     ProtocolError,
     decode_payload,
@@ -105,6 +106,7 @@ class Registry:
             spec = AdapterSpec.from_dict(spec_data)
         except ProtocolError as exc:
             raise ApiError(422, exc.code, exc.message) from exc
+        self._check_cost(spec)
         client_id, token = f"c-{secrets.token_hex(8)}", secrets.token_urlsafe(32)
         record = ClientRecord(client_id, spec.family, tier, spec.to_json(), spec.spec_hash)
         with self._lock, self._txn() as txn:
@@ -124,6 +126,20 @@ class Registry:
             "spec": spec.to_dict(),
             "tier": tier,
         }
+
+    def _check_cost(self, spec: AdapterSpec) -> None:
+        """Refuse, before allocating anything, a spec whose models this server cannot hold or
+        serve: values over ``server.max_upload_bytes`` or a header over the payload limit."""
+        values, header = spec.wire_cost()
+        limit = self.config.max_upload_bytes
+        if values > limit or header > MAX_HEADER_BYTES:
+            raise ApiError(
+                422,
+                "spec_too_large",
+                f"a model of this spec holds {values} bytes of values and a {header}-byte header; "
+                f"this server takes at most {limit} bytes (server.max_upload_bytes) and a "
+                f"{MAX_HEADER_BYTES}-byte header",
+            )
 
     def _pin_family(self, txn: Txn, spec: AdapterSpec) -> None:
         glob, fam = initial_tensors(spec, self.run.seed)

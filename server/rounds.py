@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +60,10 @@ class Coordinator(Registry):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._counter_lock = threading.Lock()
+        # Uploads writing or recording a blob, by digest: a refused upload's blob is deleted
+        # only when no other upload of the same bytes is between its write and its record.
+        self._blob_lock = threading.Lock()
+        self._blob_users: Counter[str] = Counter()
         self._bytes_out_pending = 0
         self._open_first_round()
         removed = storage.collect_garbage()
@@ -188,9 +193,9 @@ class Coordinator(Registry):
             round_id,
             max_samples=self.config.max_num_samples,
             allowed_dtypes=self.config.allowed_dtypes,
+            max_abs_value=self.config.max_abs_value,
         )
-        self.storage.blobs.put(body, digest)
-        received = self._record_update(client, round_id, digest, len(body), valid.meta)
+        received = self._store_and_record(client, round_id, digest, body, valid.meta)
         log_event(
             "update_accepted",
             round=round_id,
@@ -206,6 +211,26 @@ class Coordinator(Registry):
             "received": received,
             "sha256": digest,
         }
+
+    def _store_and_record(
+        self, client: ClientRecord, round_id: int, digest: str, body: bytes, meta: UpdateMeta
+    ) -> int:
+        """Write the blob, record the update; a refused record leaves no orphan blob behind."""
+        with self._blob_lock:
+            self._blob_users[digest] += 1
+        recorded = False
+        try:
+            self.storage.blobs.put(body, digest)
+            received = self._record_update(client, round_id, digest, len(body), meta)
+            recorded = True
+            return received
+        finally:
+            with self._blob_lock:
+                self._blob_users[digest] -= 1
+                if not self._blob_users[digest]:
+                    del self._blob_users[digest]
+                    if not recorded:
+                        self.storage.discard_blob(digest)
 
     def _record_update(
         self, client: ClientRecord, round_id: int, digest: str, size: int, meta: UpdateMeta

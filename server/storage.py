@@ -16,6 +16,7 @@ that write take its connection::
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
 import threading
 import time
@@ -28,6 +29,8 @@ from typing import Any
 from .blobs import BlobStore
 
 SCHEMA_VERSION = 1
+#: Read-only SQLite connections open at once (each holds a few file descriptors).
+MAX_READERS = 8
 ROUND_STATES = ("open", "collecting", "aggregating", "closed", "abandoned")
 
 _SCHEMA = """
@@ -107,8 +110,11 @@ class Storage:
         self.db_path = self.state_dir / "server.sqlite3"
         self.blobs = BlobStore(self.state_dir / "blobs", fsync=fsync_blobs)
         self._lock = threading.RLock()
-        self._local = threading.local()
+        # Read-only connections, pooled: at most MAX_READERS open, whatever the thread pool does
+        # (one per worker thread leaked a file descriptor each time uvicorn replaced a thread).
+        self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self._readers: list[sqlite3.Connection] = []
+        self._reader_slots = threading.BoundedSemaphore(MAX_READERS)
         self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -137,17 +143,26 @@ class Storage:
             self._readers.clear()
             self._conn.close()
 
-    def _reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection: WAL readers never wait for the writer's fsync."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA query_only=ON")
-            conn.execute("PRAGMA busy_timeout=5000")
-            self._local.conn = conn
-            with self._lock:
-                self._readers.append(conn)
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """A pooled read-only connection: WAL readers never wait for the writer's fsync."""
+        with self._reader_slots:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._open_reader()
+            try:
+                yield conn
+            finally:
+                self._idle.put(conn)
+
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA query_only=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        with self._lock:
+            self._readers.append(conn)
         return conn
 
     @contextmanager
@@ -164,7 +179,8 @@ class Storage:
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         """Read committed state (a transaction's own uncommitted writes are not visible)."""
-        return self._reader().execute(sql, params).fetchall()
+        with self._reader() as conn:
+            return conn.execute(sql, params).fetchall()
 
     def collect_garbage(self) -> int:
         """Delete blob files no record references (start-up only: a blob written just before
@@ -182,6 +198,18 @@ class Storage:
                     path.unlink()
                     removed += 1
             return removed
+
+    def discard_blob(self, digest: str) -> bool:
+        """Delete one blob file if no record references it (a refused upload's). True if gone."""
+        with self._lock:
+            refs = self._conn.execute(
+                "SELECT 1 FROM updates WHERE sha256=? UNION SELECT 1 FROM models WHERE sha256=?",
+                (digest, digest),
+            ).fetchone()
+            if refs is not None:
+                return False
+            self.blobs.path(digest).unlink(missing_ok=True)
+            return True
 
     # -- meta ----------------------------------------------------------------------------
     def get_meta(self, key: str, conn: sqlite3.Connection | None = None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -117,11 +118,20 @@ def check_tensor_schema(
             )
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+def check_finite(tensors: Mapping[str, torch.Tensor], max_abs: float = math.inf) -> None:
+    """Every value finite and at most ``max_abs`` in magnitude (bounds one client's pull on an
+    average, and keeps float32 sums of many clients finite)."""
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
             raise ApiError(422, "non_finite", f"tensor {name!r} contains {bad} values")
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        if peak > max_abs:
+            raise ApiError(
+                422,
+                "value_too_large",
+                f"tensor {name!r} holds |value| {peak:.3g} > server.max_abs_value={max_abs:g}",
+            )
 
 
 def _check_meta(
@@ -160,6 +170,7 @@ def validate_update(
     *,
     max_samples: int,
     allowed_dtypes: tuple[str, ...],
+    max_abs_value: float = math.inf,
 ) -> ValidatedUpdate:
     """Parse and check an upload completely: the header is parsed once, checked (metadata,
     names, shapes, dtypes) before any tensor is built, then the tensors are loaded once."""
@@ -176,7 +187,7 @@ def validate_update(
         tensors = decompress_tensors(wire, meta.compression)
     except ProtocolError as exc:
         raise from_protocol_error(exc) from exc
-    check_finite(tensors)
+    check_finite(tensors, max_abs_value)
     return ValidatedUpdate(meta, tensors)
 
 

@@ -51,6 +51,7 @@ DOCS = {
     "server.project_conflicts": "remove conflicting global deltas",
     "server.max_upload_bytes": "largest accepted upload",
     "server.max_num_samples": "largest sample count an update may claim",
+    "server.max_abs_value": "largest magnitude of any value in an update (bounds one client)",
     "server.allowed_dtypes": "float dtypes an update may use",
     "server.tick_s": "scheduler period (quorum and deadline checks)",
     "server.sqlite_synchronous": "SQLite synchronous mode (NORMAL, FULL, EXTRA)",

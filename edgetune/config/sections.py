@@ -218,6 +218,7 @@ class ServerConfig:
     project_conflicts: bool = False
     max_upload_bytes: int = 64 * 1024 * 1024
     max_num_samples: int = 100_000_000
+    max_abs_value: float = 1e4  # largest |value| an update may carry
     allowed_dtypes: tuple[str, ...] = FLOAT_DTYPES
     tick_s: float = 0.25
     sqlite_synchronous: str = "FULL"
@@ -244,6 +245,7 @@ class ServerConfig:
               self.project_conflicts, "must be true or false")  # fmt: skip
         check_int("server.max_upload_bytes", self.max_upload_bytes, 1024, 1 << 40)
         check_int("server.max_num_samples", self.max_num_samples, 1, 1 << 62)
+        check_number("server.max_abs_value", self.max_abs_value, 0.0, 1e30, open_low=True)
         ok = bool(self.allowed_dtypes) and all(d in FLOAT_DTYPES for d in self.allowed_dtypes)
         check(ok, "server.allowed_dtypes", self.allowed_dtypes, f"a subset of {FLOAT_DTYPES}")
         check_number("server.tick_s", self.tick_s, 0.0, 10.0, open_low=True)

@@ -33,6 +33,7 @@ __getattr__, __dir__, __all__ = lazy_face(
         "names": tuple(_names.__all__),
         "spec": ("AdapterSpec", "ProtocolError", "TensorSpec", "first_block_of"),
         "codec": (
+            "MAX_HEADER_BYTES",
             "Payload",
             "TensorEntry",
             "decode_payload",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -60,10 +61,28 @@ class TensorSpec:
     group: str
 
 
+#: Upper bounds of a spec's sizes: far above any model an edge device trains (Gemma-3-270M has
+#: d = 640, 18 layers; a 70B model d = 8192, 80 layers), far below what would exhaust a server.
+SPEC_BOUNDS = {
+    "d_model": 1 << 16,
+    "n_layers": 1024,
+    "rank": 1024,
+    "n_anchors": 1024,
+    "n_classes": 1 << 20,
+    "first_block": 1023,
+    "lora_modules": 4096,
+    "d_in": 1 << 16,
+    "d_out": 1 << 20,  # an LM head's vocabulary
+}
+#: Bytes a safetensors header spends per tensor beyond its name (dtype, shape, offsets, quotes).
+HEADER_BYTES_PER_TENSOR = 96
+
+
 def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or value > 1 << 20:
-        raise ProtocolError("bad_spec", f"{name}={value!r} must be an int in {low}..{1 << 20}")
+    high = SPEC_BOUNDS[name.rsplit(".", 1)[-1]]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or value > high:
+        raise ProtocolError("bad_spec", f"{name}={value!r} must be an int in {low}..{high}")
 
 
 @dataclass(frozen=True)
@@ -121,8 +140,10 @@ class AdapterSpec:
 
     def _check_lora_modules(self) -> None:
         mods = self.lora_modules
-        if not mods:
-            raise ProtocolError("bad_spec", "lora_modules must list at least one module")
+        if not mods or len(mods) > SPEC_BOUNDS["lora_modules"]:
+            raise ProtocolError(
+                "bad_spec", f"lora_modules must list 1..{SPEC_BOUNDS['lora_modules']} modules"
+            )
         seen = set()
         for entry in mods:
             if not isinstance(entry, tuple) or len(entry) != 3:
@@ -135,6 +156,15 @@ class AdapterSpec:
             seen.add(name)
             _positive(f"{name}.d_in", d_in)
             _positive(f"{name}.d_out", d_out)
+
+    def wire_cost(self) -> tuple[int, int]:
+        """(value bytes, header bytes) of a complete upload of this spec, int8 scales included
+        in the header bound; computed from shapes alone, before anything is allocated."""
+        width = 4 if self.dtype == "float32" else 2
+        schema = {**self.global_tensors(), **self.family_tensors()}
+        values = sum(math.prod(t.shape) for t in schema.values()) * width
+        header = 2 * sum(len(n) + 16 + HEADER_BYTES_PER_TENSOR for n in schema)
+        return values, header
 
     # -- serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

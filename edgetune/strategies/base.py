@@ -70,6 +70,15 @@ def check_reply(update: ClientUpdate, spec: AdapterSpec) -> str | None:
     return None
 
 
+def first_non_finite(models: Models) -> str | None:
+    """``model/tensor`` of the first tensor holding NaN or inf, or None."""
+    for model, tensors in models.items():
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                return f"{model}/{name}"
+    return None
+
+
 class Strategy(ABC):
     """Base class: reply filtering, error containment and per-client download views.
 
@@ -128,6 +137,10 @@ class Strategy(ABC):
             return RoundResult(
                 {}, skipped, {"aggregated": 0, "reason": f"aggregation failed: {exc}"}
             )
+        bad = first_non_finite(models)
+        if bad is not None:  # overflow of many large (each finite) replies: keep the old state
+            log.error("aggregate of round %d is not finite (%s); not committed", round_id, bad)
+            return RoundResult({}, skipped, {"aggregated": 0, "reason": f"{bad} not finite"})
         summary = {"aggregated": len(valid), "families": sorted({u.family for u in valid})}
         return RoundResult(models, skipped, summary)
 

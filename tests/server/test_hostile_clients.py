@@ -1,0 +1,146 @@
+"""Regression tests for what hostile clients did to the server (issue 16), over real HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from edgetune.protocol import ProtocolError
+from edgetune.server.storage import MAX_READERS
+from edgetune.strategies.aggregation import ClientUpdate
+from edgetune.strategies.base import GLOBAL, family_model
+from edgetune.strategies.fedadapter import FedAdapterStrategy
+
+from .conftest import JOIN_TOKEN, ApiClient, random_update, small_spec, wait_for_round
+
+
+def _register(srv, spec_dict: dict) -> httpx.Response:
+    return httpx.post(
+        f"{srv.url}/v1/register",
+        json={"spec": spec_dict, "tier": "x"},
+        headers=ApiClient.auth(JOIN_TOKEN),
+        timeout=30,
+    )
+
+
+def test_oversized_specs_are_refused_before_anything_is_allocated(live_server) -> None:
+    """Defect 1 (a 16,000-layer spec pinned a model whose header broke every round close) and
+    defect 5 (d_model = n_classes = 2^20 asked for a 4 TiB head): both are 422 now, fast, and
+    the rounds of honest clients go on."""
+    srv = live_server(min_clients=1)
+    deep = small_spec(family="deep").to_dict() | {"n_layers": 16000}
+    answer = _register(srv, deep)
+    assert answer.status_code == 422 and "n_layers=16000" in answer.json()["detail"]
+    wide = small_spec(family="wide", d_model=1 << 16, n_classes=1 << 20).to_dict()
+    started = time.monotonic()
+    answer = _register(srv, wide)
+    assert answer.status_code == 422 and answer.json()["error"] == "spec_too_large"
+    assert time.monotonic() - started < 5  # refused from the shapes, nothing materialised
+    honest = ApiClient(srv.url, small_spec())
+    body = honest.encode(random_update(honest.spec, 1), 1, 5)
+    assert honest.put(1, body).status_code == 201
+    wait_for_round(honest, 2)
+    assert srv.storage.families() == ["fam-a"]
+
+
+def test_spec_bounds_name_the_field() -> None:
+    with pytest.raises(ProtocolError, match=r"d_model=70000 must be an int in 1\.\.65536"):
+        small_spec(d_model=70000)
+    spec = small_spec()
+    values, header = spec.wire_cost()
+    assert values == 4 * sum(math.prod(t.shape) for t in spec.upload_tensors().values())
+    assert 0 < header < 100_000
+
+
+def test_huge_finite_values_cannot_reach_the_global_model(live_server) -> None:
+    """Defect 2: global deltas of 3e38 (each finite) made the global branch inf for good."""
+    srv = live_server(min_clients=2)
+    hostile, honest = ApiClient(srv.url, small_spec()), ApiClient(srv.url, small_spec())
+    poison = {n: torch.full_like(t, 3e38) for n, t in random_update(hostile.spec, 1).items()}
+    answer = hostile.put(1, hostile.encode(poison, 1, 5))
+    assert answer.status_code == 422 and answer.json()["error"] == "value_too_large"
+    for client, seed in ((hostile, 2), (honest, 3)):
+        assert (
+            client.put(1, client.encode(random_update(client.spec, seed), 1, 5)).status_code == 201
+        )
+    wait_for_round(honest, 2)
+    for tensor in honest.download("global").values():
+        assert bool(torch.isfinite(tensor).all())
+
+
+def test_an_aggregate_that_overflows_is_not_committed() -> None:
+    """The last line of defence: a merge that overflows float32 keeps the old state."""
+    spec = small_spec()
+    near_max = {n: torch.full(t.shape, 3e38) for n, t in spec.global_tensors().items()}
+    state = {GLOBAL: near_max, family_model(spec.family): {}}
+    update = ClientUpdate("c1", spec.family, 4, random_update(spec, 1, scale=1.0))
+    update.tensors.update({n: torch.full(t.shape, 3e38) for n, t in spec.global_tensors().items()})
+    result = FedAdapterStrategy().aggregate_round(1, state, [update], {"c1": spec})
+    assert result.models == {} and "not finite" in result.summary["reason"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/rounds/9223372036854775808/updates/c-x", "/v1/global?version=9223372036854775808"],
+)
+def test_ids_beyond_sqlite_integers_are_a_422_not_a_500(live_server, path) -> None:
+    """Defect 5: round ids or ?version= of 2^63 or more raised OverflowError (a plain 500)."""
+    srv = live_server(min_clients=2)
+    client = ApiClient(srv.url, small_spec())
+    method = client.http.put if "/updates/" in path else client.http.get
+    kwargs = {"content": b"x"} if "/updates/" in path else {}
+    answer = method(path, headers=client.headers, **kwargs)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_reader_connections_are_bounded_whatever_the_threads(live_server) -> None:
+    """Defect 3: a reader connection per worker thread, never closed, leaked descriptors as the
+    thread pool replaced idle threads. Readers are pooled now: short-lived threads (the worst
+    case of a churning pool) and bursts of concurrent GETs over HTTP leave at most
+    MAX_READERS connections and a flat descriptor count."""
+    srv = live_server(min_clients=2)
+    client = ApiClient(srv.url, small_spec())
+    for _ in range(40):  # 40 threads, one query each, then gone
+        worker = threading.Thread(target=srv.storage.families)
+        worker.start()
+        worker.join()
+    assert len(srv.storage._readers) <= MAX_READERS
+
+    def burst() -> None:
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda _: client.round(), range(32)))
+
+    burst()
+    settled = _open_fds()
+    for _ in range(3):
+        burst()
+    assert _open_fds() - settled <= 8  # keep-alive sockets of the client may come and go
+    assert len(srv.storage._readers) <= MAX_READERS
+
+
+def test_refused_uploads_leave_no_blob_behind(live_server) -> None:
+    """Defect 4: 16 concurrent different uploads from one client: 1 accepted, 15 refused, and
+    13 orphan blobs stayed on disk until a restart."""
+    srv = live_server(min_clients=2)
+    client = ApiClient(srv.url, small_spec())
+    bodies = [client.encode(random_update(client.spec, seed), 1, 5) for seed in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        codes = sorted(pool.map(lambda body: client.put(1, body).status_code, bodies))
+    assert codes == [201] + [409] * 15
+    on_disk = {p.name.split(".", 1)[0] for p in srv.storage.blobs.root.glob("*.safetensors")}
+    accepted = {u.sha256 for u in srv.storage.updates(1)}
+    models = {hashlib.sha256(b).hexdigest() for b in bodies} & on_disk
+    assert models == accepted and len(accepted) == 1
