@@ -6,8 +6,9 @@ Every error is JSON ``{"error": <code>, "detail": <message>, ...}`` with a 4xx s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from importlib import metadata
 from typing import Annotated, Any
 
@@ -85,7 +86,9 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused by name when it is declared or grows past ``limit`` bytes, or does
+    not arrive within ``timeout_s`` (a client trickling bytes holds no connection for long)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -96,6 +99,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise ApiError(
                 413, "payload_too_large", f"body of {declared} bytes exceeds the {limit}-byte cap"
             )
+    try:
+        return await asyncio.wait_for(_read_chunks(request, limit), timeout_s)
+    except asyncio.TimeoutError as exc:  # TimeoutError itself from Python 3.11 on
+        raise ApiError(
+            408, "body_timeout", f"the body did not arrive within {timeout_s:g} s"
+        ) from exc
+
+
+async def _read_chunks(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -103,6 +115,28 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, "payload_too_large", f"body exceeds the {limit}-byte cap")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class UploadSlots:
+    """At most ``limit`` uploads read and validated at once; one more is a 429 (memory stays
+    bounded by ``limit x server.max_upload_bytes`` whatever arrives)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.busy = limit, 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.busy >= self.limit:  # the event loop is single-threaded: no lock needed
+            raise ApiError(
+                429,
+                "too_many_uploads",
+                f"{self.limit} uploads are in progress (server.max_concurrent_uploads); retry",
+            )
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
 
 
 def _parse_register(raw: bytes) -> RegisterRequest:
@@ -196,7 +230,8 @@ def _install_client_routes(app: FastAPI, coord: Coordinator) -> None:
     async def register(request: Request) -> dict[str, Any]:
         """Exchange the join token (``Authorization: Bearer <join token>``) for a client token."""
         join = _bearer(request)
-        body = _parse_register(await _read_body(request, MAX_JSON_BYTES))
+        timeout_s = coord.config.body_timeout_s
+        body = _parse_register(await _read_body(request, MAX_JSON_BYTES, timeout_s))
         return await run_in_threadpool(coord.register, join, body.spec, body.tier)
 
     @app.get("/v1/rounds/current", tags=["rounds"])
@@ -229,6 +264,8 @@ def _install_model_routes(app: FastAPI, coord: Coordinator) -> None:
 
 
 def _install_upload_and_status_routes(app: FastAPI, coord: Coordinator) -> None:
+    uploads = UploadSlots(coord.config.max_concurrent_uploads)
+
     @app.put(
         "/v1/rounds/{round_id}/updates/{client_id}", openapi_extra=_BINARY_BODY, tags=["rounds"]
     )
@@ -237,8 +274,10 @@ def _install_upload_and_status_routes(app: FastAPI, coord: Coordinator) -> None:
         client = await _client_of(coord, request)
         if client.client_id != client_id:
             raise ApiError(403, "forbidden", f"token belongs to another client, not {client_id!r}")
-        body = await _read_body(request, coord.config.max_upload_bytes)
-        status, payload = await run_in_threadpool(coord.submit_update, client, round_id, body)
+        with uploads.slot():
+            cfg = coord.config
+            body = await _read_body(request, cfg.max_upload_bytes, cfg.body_timeout_s)
+            status, payload = await run_in_threadpool(coord.submit_update, client, round_id, body)
         return JSONResponse(payload, status_code=status)
 
     @app.get("/v1/status", tags=["meta"])

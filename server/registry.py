@@ -12,6 +12,8 @@ import json
 import logging
 import secrets
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from sqlite3 import Connection
@@ -68,6 +70,8 @@ class Registry:
     _join_hash: str
     _lock: threading.Lock
     _counter_lock: threading.Lock
+    _rate_lock: threading.Lock
+    _registered_at: deque[float]
     _bytes_out_pending: int
 
     @contextmanager
@@ -107,6 +111,7 @@ class Registry:
         except ProtocolError as exc:
             raise ApiError(422, exc.code, exc.message) from exc
         self._check_cost(spec)
+        self._check_rate()
         client_id, token = f"c-{secrets.token_hex(8)}", secrets.token_urlsafe(32)
         record = ClientRecord(client_id, spec.family, tier, spec.to_json(), spec.spec_hash)
         with self._lock, self._txn() as txn:
@@ -115,6 +120,7 @@ class Registry:
             reason = self.strategy.check_spec(spec, pinned)
             if reason is not None:
                 raise ApiError(409 if pinned else 422, "spec_mismatch", reason)
+            self._check_room(pinned is None)
             if pinned is None:
                 self._pin_family(txn, spec)
             self.storage.insert_client(txn.conn, record, hash_token(token))
@@ -126,6 +132,33 @@ class Registry:
             "spec": spec.to_dict(),
             "tier": tier,
         }
+
+    def _check_rate(self) -> None:
+        """At most ``server.registrations_per_minute`` registration attempts (with a valid join
+        token and spec) in any 60 s: a sliding window over their times."""
+        now, limit = time.monotonic(), self.config.registrations_per_minute
+        with self._rate_lock:
+            while self._registered_at and now - self._registered_at[0] > 60.0:
+                self._registered_at.popleft()
+            if len(self._registered_at) >= limit:
+                raise ApiError(
+                    429,
+                    "too_many_registrations",
+                    f"more than {limit} registration attempts in a minute "
+                    "(server.registrations_per_minute); retry later",
+                )
+            self._registered_at.append(now)
+
+    def _check_room(self, new_family: bool) -> None:
+        """Under the lock: the client (and its family, if new) fit the server's limits."""
+        if self.storage.count_clients() >= self.config.max_clients:
+            raise ApiError(
+                422, "limit_reached", f"server.max_clients={self.config.max_clients} reached"
+            )
+        if new_family and len(self.storage.families()) >= self.config.max_families:
+            raise ApiError(
+                422, "limit_reached", f"server.max_families={self.config.max_families} reached"
+            )
 
     def _check_cost(self, spec: AdapterSpec) -> None:
         """Refuse, before allocating anything, a spec whose models this server cannot hold or

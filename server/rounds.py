@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +60,8 @@ class Coordinator(Registry):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._counter_lock = threading.Lock()
+        self._rate_lock = threading.Lock()  # registration times of the last minute
+        self._registered_at: deque[float] = deque()
         # Uploads writing or recording a blob, by digest: a refused upload's blob is deleted
         # only when no other upload of the same bytes is between its write and its record.
         self._blob_lock = threading.Lock()

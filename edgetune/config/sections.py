@@ -219,6 +219,11 @@ class ServerConfig:
     max_upload_bytes: int = 64 * 1024 * 1024
     max_num_samples: int = 100_000_000
     max_abs_value: float = 1e4  # largest |value| an update may carry
+    max_families: int = 64
+    max_clients: int = 10_000
+    registrations_per_minute: int = 600
+    body_timeout_s: float = 60.0  # an upload's body must arrive within this many seconds
+    max_concurrent_uploads: int = 32
     allowed_dtypes: tuple[str, ...] = FLOAT_DTYPES
     tick_s: float = 0.25
     sqlite_synchronous: str = "FULL"
@@ -246,6 +251,11 @@ class ServerConfig:
         check_int("server.max_upload_bytes", self.max_upload_bytes, 1024, 1 << 40)
         check_int("server.max_num_samples", self.max_num_samples, 1, 1 << 62)
         check_number("server.max_abs_value", self.max_abs_value, 0.0, 1e30, open_low=True)
+        check_int("server.max_families", self.max_families, 1, 100_000)
+        check_int("server.max_clients", self.max_clients, 1, 10_000_000)
+        check_int("server.registrations_per_minute", self.registrations_per_minute, 1, 1 << 30)
+        check_number("server.body_timeout_s", self.body_timeout_s, 0.0, 86_400.0, open_low=True)
+        check_int("server.max_concurrent_uploads", self.max_concurrent_uploads, 1, 100_000)
         ok = bool(self.allowed_dtypes) and all(d in FLOAT_DTYPES for d in self.allowed_dtypes)
         check(ok, "server.allowed_dtypes", self.allowed_dtypes, f"a subset of {FLOAT_DTYPES}")
         check_number("server.tick_s", self.tick_s, 0.0, 10.0, open_low=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -144,3 +145,47 @@ def test_refused_uploads_leave_no_blob_behind(live_server) -> None:
     accepted = {u.sha256 for u in srv.storage.updates(1)}
     models = {hashlib.sha256(b).hexdigest() for b in bodies} & on_disk
     assert models == accepted and len(accepted) == 1
+
+
+def test_registrations_are_rate_limited_and_families_capped(live_server) -> None:
+    """Defect 6: join-token holders could register without limit and pin any number of
+    families (each one slowing every round close)."""
+    srv = live_server(min_clients=2, registrations_per_minute=3, max_families=1)
+    for _ in range(2):
+        ApiClient(srv.url, small_spec())
+    answer = _register(srv, small_spec(family="fam-b").to_dict())
+    assert answer.status_code == 422 and "server.max_families=1" in answer.json()["detail"]
+    answer = _register(srv, small_spec().to_dict())  # a fourth attempt within the minute
+    assert answer.status_code == 429 and answer.json()["error"] == "too_many_registrations"
+    assert srv.storage.families() == ["fam-a"] and srv.storage.count_clients() == 2
+
+
+def _stalled_upload(srv, client: ApiClient, declared: int) -> socket.socket:
+    """A raw HTTP PUT that declares ``declared`` body bytes, sends 10 and stops."""
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    head = (
+        f"PUT /v1/rounds/1/updates/{client.client_id} HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {client.token}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + b"0123456789")
+    return sock
+
+
+def test_slow_bodies_time_out_and_concurrent_uploads_are_capped(live_server) -> None:
+    """Defect 7: connections that declared large bodies and trickled them stayed open and held
+    memory indefinitely."""
+    srv = live_server(min_clients=2, body_timeout_s=1.0, max_concurrent_uploads=1)
+    client = ApiClient(srv.url, small_spec())
+    stalled = _stalled_upload(srv, client, 1_000_000)
+    time.sleep(0.3)  # the stalled upload holds the only slot
+    other = ApiClient(srv.url, small_spec())
+    answer = other.put(1, other.encode(random_update(other.spec, 1), 1, 5))
+    assert answer.status_code == 429 and answer.json()["error"] == "too_many_uploads"
+    started = time.monotonic()
+    reply = stalled.recv(4096).decode(errors="replace")
+    stalled.close()
+    assert reply.startswith("HTTP/1.1 408") and "body_timeout" in reply
+    assert time.monotonic() - started < 5
+    answer = other.put(1, other.encode(random_update(other.spec, 1), 1, 5))
+    assert answer.status_code == 201, answer.text  # the slot is free again
