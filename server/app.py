@@ -258,6 +258,10 @@ def _install_model_routes(app: FastAPI, coord: Coordinator) -> None:
     async def download_family(family: str, request: Request, version: Version = None) -> Response:
         """Family bundle (``family.*`` / ``lora.*``): latest, or as of round ``version``."""
         client = await _client_of(coord, request)
+        if family != client.family:
+            raise ApiError(
+                403, "forbidden", f"this client belongs to family {client.family!r}, not {family!r}"
+            )
         name = family_model(family)
         data, version = await run_in_threadpool(coord.download, name, client, version)
         return Response(data, media_type=OCTET, headers={"X-EdgeTune-Version": str(version)})

@@ -145,7 +145,7 @@ def parse_header(data: bytes) -> tuple[dict[str, str], dict[str, TensorEntry]]:
             "truncated_payload", f"declared header size {n} exceeds payload size {len(data)}"
         )
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError("not_safetensors", f"header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
@@ -157,6 +157,15 @@ def parse_header(data: bytes) -> tuple[dict[str, str], dict[str, TensorEntry]]:
     entries = {name: _parse_entry(name, info, data_len) for name, info in header.items()}
     _check_contiguous(entries, data_len)
     return metadata, entries
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all distinct (a repeated key is ambiguous: refused)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        repeated = sorted({k for k, _ in pairs if sum(1 for q, _ in pairs if q == k) > 1})
+        raise ProtocolError("not_safetensors", f"header repeats the keys {repeated[:5]}")
+    return out
 
 
 def _check_contiguous(entries: Mapping[str, TensorEntry], data_len: int) -> None:

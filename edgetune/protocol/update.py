@@ -36,6 +36,8 @@ from edgetune.protocol.names import (
 from edgetune.protocol.spec import MODULE_RE, AdapterSpec, ProtocolError
 
 MAX_METRICS = 64
+#: Largest |metric|: sample-weighted sums of many clients' metrics stay finite in float64.
+MAX_METRIC = 1e12
 
 
 @dataclass(frozen=True)
@@ -141,8 +143,11 @@ def _parse_metrics(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in raw.items():
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if not MODULE_RE.match(k) or not ok:
-            raise ProtocolError("bad_metrics", f"metric {k!r}={v!r} must be a finite number")
+        if not MODULE_RE.match(k) or not ok or abs(v) > MAX_METRIC:
+            raise ProtocolError(
+                "bad_metrics",
+                f"metric {k!r}={v!r} must be a finite number of |x| <= {MAX_METRIC:g}",
+            )
         out[k] = float(v)
     return out
 

@@ -200,3 +200,32 @@ def test_slow_bodies_time_out_and_concurrent_uploads_are_capped(live_server) -> 
     assert time.monotonic() - started < 5
     answer = other.put(1, other.encode(random_update(other.spec, 1), 1, 5))
     assert answer.status_code == 201, answer.text  # the slot is free again
+
+
+def test_a_client_reads_only_its_own_family(live_server) -> None:
+    """Defect 8: any client token downloaded any family's model."""
+    srv = live_server(min_clients=2)
+    mine, other = ApiClient(srv.url, small_spec()), ApiClient(srv.url, small_spec(family="fam-b"))
+    answer = mine.http.get("/v1/families/fam-b", headers=mine.headers)
+    assert answer.status_code == 403 and "fam-a" in answer.json()["detail"]
+    assert other.http.get("/v1/families/fam-b", headers=other.headers).status_code == 200
+
+
+def test_huge_metrics_and_repeated_header_keys_are_refused(live_server) -> None:
+    """Defect 8: a metric of 1e308 was stored as inf (shown as null); a safetensors header
+    with a repeated key was accepted (which one counts is up to the parser)."""
+    srv = live_server(min_clients=2)
+    client = ApiClient(srv.url, small_spec())
+    tensors = random_update(client.spec, 1)
+    answer = client.put(1, client.encode(tensors, 1, 5, loss=1e308))
+    assert answer.status_code == 422 and answer.json()["error"] == "bad_metrics"
+    body = client.encode(tensors, 1, 5)
+    size = int.from_bytes(body[:8], "little")
+    header = body[8 : 8 + size].decode()
+    name = next(iter(client.spec.upload_tensors()))
+    entry = header[header.index(f'"{name}":') :].split("},", 1)[0] + "}"
+    forged = header.replace(entry, entry + "," + entry, 1).encode()
+    forged += b" " * (-len(forged) % 8)
+    answer = client.put(1, len(forged).to_bytes(8, "little") + forged + body[8 + size :])
+    assert answer.status_code == 400 and "repeats the keys" in answer.json()["detail"]
+    assert srv.storage.count_updates(1) == 0

@@ -67,7 +67,7 @@ def test_three_clients_two_families_two_rounds(live_server, tmp_path: Path) -> N
         decode_payload(r.content).tensors["family.layer0.D"], fam_init[0]["family.layer0.D"]
     )
     r = clients[0].http.get("/v1/families/nope", headers=clients[0].headers)
-    assert r.status_code == 404 and r.json()["error"] == "no_such_model"
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"  # not its family
     status = httpx.get(f"{srv.url}/v1/status", headers=ApiClient.auth(JOIN_TOKEN)).json()
     assert [r["state"] for r in status["rounds"]] == ["closed", "closed", "open"]
     assert (
