@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,23 @@ def run_from_args(args: argparse.Namespace) -> int:
         token = read_join_token(args.join_token_file)
         if (args.certfile is None) != (args.keyfile is None):
             raise ConfigError("--certfile and --keyfile must be given together")
+        if args.certfile is not None:
+            check_tls(args.certfile, args.keyfile)
     except (ConfigError, OSError) as exc:
         print(f"edgetune server: {exc}", file=sys.stderr)
         return 2
     setup_logging(run.server.log_level)
     return serve(run, args.state, token, args.certfile, args.keyfile)
+
+
+def check_tls(certfile: Path, keyfile: Path) -> None:
+    """Load the certificate and key once before serving: a mistake is one line, not a
+    traceback from inside uvicorn."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(certfile), str(keyfile))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"TLS certificate {certfile} / key {keyfile} unusable: {exc}") from exc
 
 
 def check_servable(run: RunConfig) -> None:

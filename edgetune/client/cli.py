@@ -25,6 +25,7 @@ JOIN_TOKEN_ENV = "EDGETUNE_JOIN_TOKEN"
 #: flag -> the config key it sets
 FLAG_KEYS = {
     "server": "client.url",
+    "ca_cert": "client.ca_cert",
     "backbone": "client.backbone",
     "quant": "client.quant",
     "rank": "client.rank",
@@ -46,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--join-token", help=f"join token (default: env {JOIN_TOKEN_ENV})")
     p.add_argument("--result", type=Path, help="write the final metrics as JSON here")
     p.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8080 (client.url)")
+    p.add_argument("--ca-cert", help="CA certificate (PEM) of an https server (client.ca_cert)")
     p.add_argument("--backbone", help="zoo name or model folder (client.backbone)")
     p.add_argument("--quant", help="none, int8, nf4 or fp4 (client.quant)")
     p.add_argument("--strategy", help="the run's strategy (strategy)")

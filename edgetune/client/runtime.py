@@ -70,7 +70,7 @@ class ClientRuntime:
             np.arange(min(len(train_split), config.train.batch_size))
         )
         self.holdout = EncodedSplit(self.backbone, holdout, max_len)
-        self.server = ServerClient(me.url or "http://127.0.0.1:9")
+        self.server = ServerClient(me.url or "http://127.0.0.1:9", verify=me.ca_cert or True)
         self.train_flops_per_sample = self._train_flops_per_sample()
         self.error_feedback = ErrorFeedback()  # int8 residuals, persisted with the state
         self.files = StateDir(me.state_dir)

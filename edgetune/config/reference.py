@@ -64,6 +64,7 @@ DOCS = {
     "server.torch_threads": "torch threads for aggregation, 0 = torch's default",
     "server.log_level": "DEBUG, INFO, WARNING or ERROR",
     "client.url": "server URL (edgetune client)",
+    "client.ca_cert": "CA certificate (PEM) to trust for an https server, '' = the system's",
     "client.state_dir": "where a client keeps its state and adapter",
     "client.backbone": "zoo name or model folder",
     "client.quant": "none, int8, nf4 or fp4",

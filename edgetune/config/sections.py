@@ -277,6 +277,7 @@ class ClientConfig:
     """One client process (`edgetune client`); `simulate` fills it per client from [[group]]."""
 
     url: str = ""  # the server, e.g. http://127.0.0.1:8080
+    ca_cert: str = ""  # PEM file of the CA that signed the server's certificate ("": system CAs)
     state_dir: str = "edgetune-client"
     backbone: str = "minilm-l3"
     quant: str = "none"

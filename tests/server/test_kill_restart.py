@@ -16,6 +16,7 @@ import httpx
 import pytest
 import torch
 
+from edgetune.client.transport import ServerClient, ServerError
 from edgetune.strategies.aggregation import ClientUpdate, fedadapter
 
 from .conftest import JOIN_TOKEN, ApiClient, random_update, small_spec, wait_for_round
@@ -208,6 +209,23 @@ def test_tls_with_certfile_and_keyfile(tmp_path: Path) -> None:
         assert r.status_code == 200
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2)
+        # the client runtime's transport trusts the server through `client.ca_cert`
+        trusting = ServerClient(f"https://127.0.0.1:{port}", verify=str(cert), retries=0)
+        assert trusting.health()["status"] == "ok"
+        with pytest.raises(ServerError):  # a self-signed server is not trusted by default
+            ServerClient(f"https://127.0.0.1:{port}", retries=0).health()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
+
+
+def test_a_bad_tls_key_is_one_line(tmp_path: Path) -> None:
+    """Defect 8: TLS start-up with a bad key printed a traceback."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    env = {**os.environ, "EDGETUNE_JOIN_TOKEN": JOIN_TOKEN}
+    args = [sys.executable, "-m", "edgetune.server", "--state", str(tmp_path / "s")]
+    args += ["--set", "server.min_clients=2", "--certfile", str(bad), "--keyfile", str(bad)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "TLS certificate" in proc.stderr
