@@ -284,6 +284,11 @@ def _install_upload_and_status_routes(app: FastAPI, coord: Coordinator) -> None:
             status, payload = await run_in_threadpool(coord.submit_update, client, round_id, body)
         return JSONResponse(payload, status_code=status)
 
+    @app.delete("/v1/clients/{client_id}", tags=["clients"])
+    async def revoke(client_id: str, request: Request) -> dict[str, Any]:
+        """Revoke a client's token for good (join token only)."""
+        return await run_in_threadpool(coord.revoke, _bearer(request), client_id)
+
     @app.get("/v1/status", tags=["meta"])
     async def status(request: Request) -> dict[str, Any]:
         """Rounds, participants, bytes in/out, per-family metrics (join or client token)."""

@@ -95,7 +95,23 @@ class Registry:
             raise ApiError(
                 401, "invalid_token", "bearer token is not a token issued by this server"
             )
-        return found[0]
+        client, ttl = found[0], self.config.token_ttl_s
+        if client.revoked:
+            raise ApiError(401, "token_revoked", f"the token of {client.client_id} was revoked")
+        if ttl and time.time() - client.created_at > ttl:
+            raise ApiError(
+                401, "token_expired", f"the token of {client.client_id} expired after {ttl:g} s"
+            )
+        return client
+
+    def revoke(self, join_token: str, client_id: str) -> dict[str, Any]:
+        """Revoke a client's token (join token only); its uploads so far stay counted."""
+        self.check_join_token(join_token)
+        with self._lock, self._txn() as txn:
+            if not self.storage.revoke_client(txn.conn, client_id):
+                raise ApiError(404, "no_such_client", f"no client {client_id!r} on this server")
+            txn.later("client_revoked", client=client_id)
+        return {"revoked": client_id}
 
     def check_status_token(self, token: str) -> None:
         """Status is readable with the join token or any client token."""

@@ -22,11 +22,11 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .blobs import BlobStore
+from .records import ClientRecord, RoundRecord, UpdateRecord
 
 SCHEMA_VERSION = 1
 #: Read-only SQLite connections open at once (each holds a few file descriptors).
@@ -60,39 +60,9 @@ CREATE TABLE IF NOT EXISTS round_metrics(
     round_id INTEGER NOT NULL, family TEXT NOT NULL, tier TEXT NOT NULL, key TEXT NOT NULL,
     value REAL NOT NULL, PRIMARY KEY (round_id, family, tier, key));
 CREATE TABLE IF NOT EXISTS counters(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS revoked(
+    client_id TEXT PRIMARY KEY REFERENCES clients(client_id), revoked_at REAL NOT NULL);
 """
-
-
-@dataclass(frozen=True)
-class ClientRecord:
-    client_id: str
-    family: str
-    tier: str
-    spec_json: str
-    spec_hash: str
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    round_id: int
-    state: str
-    opened_at: float
-    deadline: float
-    extensions: int
-    closed_at: float | None
-    summary: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
-class UpdateRecord:
-    round_id: int
-    client_id: str
-    family: str
-    tier: str
-    num_samples: int
-    sha256: str
-    nbytes: int
-    metrics: dict[str, float]
 
 
 #: One ``round_metrics`` row of a round: (family, tier, key, value).
@@ -247,12 +217,26 @@ class Storage:
         )
 
     def client_by_token_hash(self, token_hash: str) -> tuple[ClientRecord, str] | None:
-        rows = self._query("SELECT * FROM clients WHERE token_hash=?", (token_hash,))
+        rows = self._query(
+            "SELECT c.*, r.revoked_at FROM clients c LEFT JOIN revoked r USING (client_id) "
+            "WHERE c.token_hash=?",
+            (token_hash,),
+        )
         if not rows:
             return None
         r = rows[0]
-        rec = ClientRecord(r["client_id"], r["family"], r["tier"], r["spec_json"], r["spec_hash"])
+        rec = ClientRecord(
+            r["client_id"], r["family"], r["tier"], r["spec_json"], r["spec_hash"],
+            r["created_at"], r["revoked_at"] is not None,
+        )  # fmt: skip
         return rec, r["token_hash"]
+
+    def revoke_client(self, conn: sqlite3.Connection, client_id: str) -> bool:
+        """Revoke a client's token for good; False when no such client is registered."""
+        if conn.execute("SELECT 1 FROM clients WHERE client_id=?", (client_id,)).fetchone() is None:
+            return False
+        conn.execute("INSERT OR IGNORE INTO revoked VALUES (?, ?)", (client_id, now()))
+        return True
 
     def count_clients(self) -> int:
         return int(self._query("SELECT COUNT(*) AS n FROM clients")[0]["n"])

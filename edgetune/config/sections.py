@@ -224,6 +224,7 @@ class ServerConfig:
     registrations_per_minute: int = 600
     body_timeout_s: float = 60.0  # an upload's body must arrive within this many seconds
     max_concurrent_uploads: int = 32
+    token_ttl_s: float = 0.0  # a client token expires this long after registration; 0 = never
     allowed_dtypes: tuple[str, ...] = FLOAT_DTYPES
     tick_s: float = 0.25
     sqlite_synchronous: str = "FULL"
@@ -256,6 +257,7 @@ class ServerConfig:
         check_int("server.registrations_per_minute", self.registrations_per_minute, 1, 1 << 30)
         check_number("server.body_timeout_s", self.body_timeout_s, 0.0, 86_400.0, open_low=True)
         check_int("server.max_concurrent_uploads", self.max_concurrent_uploads, 1, 100_000)
+        check_number("server.token_ttl_s", self.token_ttl_s, 0.0, 1e9)
         ok = bool(self.allowed_dtypes) and all(d in FLOAT_DTYPES for d in self.allowed_dtypes)
         check(ok, "server.allowed_dtypes", self.allowed_dtypes, f"a subset of {FLOAT_DTYPES}")
         check_number("server.tick_s", self.tick_s, 0.0, 10.0, open_low=True)

@@ -229,3 +229,22 @@ def test_huge_metrics_and_repeated_header_keys_are_refused(live_server) -> None:
     answer = client.put(1, len(forged).to_bytes(8, "little") + forged + body[8 + size :])
     assert answer.status_code == 400 and "repeats the keys" in answer.json()["detail"]
     assert srv.storage.count_updates(1) == 0
+
+
+def test_tokens_can_be_revoked_and_expire(live_server) -> None:
+    """Defect 8: client tokens never expired and could not be revoked."""
+    srv = live_server(min_clients=2, token_ttl_s=1.0)
+    client, other = ApiClient(srv.url, small_spec()), ApiClient(srv.url, small_spec())
+    path = f"/v1/clients/{client.client_id}"
+    answer = other.http.delete(path, headers=other.headers)  # a client token cannot revoke
+    assert answer.status_code == 401 and answer.json()["error"] == "invalid_join_token"
+    answer = client.http.delete(path, headers=ApiClient.auth(JOIN_TOKEN))
+    assert answer.status_code == 200 and answer.json() == {"revoked": client.client_id}
+    answer = client.http.get("/v1/rounds/current", headers=client.headers)
+    assert answer.status_code == 401 and answer.json()["error"] == "token_revoked"
+    unknown = client.http.delete("/v1/clients/c-none", headers=ApiClient.auth(JOIN_TOKEN))
+    assert unknown.status_code == 404
+    assert other.round()["round"] == 1  # the other token still works, until its ttl
+    time.sleep(1.2)
+    answer = other.http.get("/v1/rounds/current", headers=other.headers)
+    assert answer.status_code == 401 and answer.json()["error"] == "token_expired"

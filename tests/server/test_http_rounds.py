@@ -148,6 +148,7 @@ def test_health_openapi_and_register_errors(live_server) -> None:
         "/v1/global",
         "/v1/families/{family}",
         "/v1/rounds/{round_id}/updates/{client_id}",
+        "/v1/clients/{client_id}",
         "/v1/status",
     ]
     spec = small_spec()
