@@ -10,6 +10,7 @@ Groups (the names are those of `edgetune.protocol.core`):
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from edgetune.protocol import (
     GROUP_PRIVATE,
     GROUPS,
     META_ADAPTER_CONFIG,
+    META_BACKBONE,
+    META_CLASSES,
     META_FAMILY,
     META_FINGERPRINT,
     META_GROUPS,
@@ -55,6 +58,7 @@ class AdapterHandle:
         self.layers = layers
         self.anchors = anchors
         self.head = head
+        self.classes: tuple[str, ...] = ()  # the head's class names, saved with the adapter
         self._originals = originals
         self._tensors = {**self._name_tensors(), **self._head_tensors()}
 
@@ -134,11 +138,16 @@ class AdapterHandle:
 
     # -- files -------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
-        return {
+        """What an adapter file carries besides tensors: enough to rebuild and export it."""
+        meta = {
             META_ADAPTER_CONFIG: section_json(self.config),
             META_FINGERPRINT: self.spec.fingerprint,
             META_FAMILY: self.spec.family,
+            META_BACKBONE: self.spec.name,
         }
+        if self.classes:
+            meta[META_CLASSES] = json.dumps(list(self.classes))
+        return meta
 
     def save(
         self,

@@ -63,6 +63,7 @@ class ClientRuntime:
         self.n_classes = len(self.dataset.classes)
         self.task = build_task_model(self.backbone, "classify", n_classes=self.n_classes)
         self.handle = self._inject(self.backbone, self.task)
+        self.handle.classes = tuple(self.dataset.classes)
         self.spec = wire_spec(self.backbone.spec, self.handle, self.n_classes)
         max_len = config.train.max_length
         self.train_data = EncodedSplit(self.backbone, train_split, max_len)

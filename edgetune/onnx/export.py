@@ -44,8 +44,9 @@ from edgetune.onnx.layout import (
     TOKENIZER_DIR,
     graph_tensors,
     layout_id,
+    read_adapter_file,
 )
-from edgetune.protocol.names import HEAD_WEIGHT
+from edgetune.protocol.names import HEAD_WEIGHT, META_BACKBONE, META_CLASSES
 
 if TYPE_CHECKING:
     from edgetune.config import AdapterConfig
@@ -85,6 +86,9 @@ def export_model(
     )
 
     backbone, task, handle = load_adapted(backbone, adapter_path)
+    if labels is None:  # the class names the adapter file was trained with, if it has them
+        classes = read_adapter_file(adapter_path)[1].get(META_CLASSES)
+        labels = json.loads(classes) if classes else None
     layout = "merged" if merge else "wire"
     tensors = graph_tensors(wire_arrays(handle), handle.config, backbone.spec.num_layers, layout)
     manifest = _manifest(backbone, handle.config, tensors, labels, layout, int4)
@@ -143,11 +147,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         out = args.into / (Path(args.adapter).stem + ".onnx_adapter")
         print(f"adapter for {args.into}: {convert_adapter(args.adapter, args.into, out)}")
         return 0
-    if args.backbone is None or args.out is None:
-        raise ConfigError("export needs --backbone and --out (or --into DIR for an adapter only)")
+    if args.out is None:
+        raise ConfigError("export needs --out (or --into DIR to write an adapter only)")
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    _, meta = read_adapter_file(args.adapter)
+    backbone = args.backbone or meta.get(META_BACKBONE)
+    if not backbone:
+        raise ConfigError(f"{args.adapter} does not name its backbone: pass --backbone")
     result = export_model(
-        args.backbone, args.adapter, args.out, merge=args.merge, int4=args.int4, labels=labels
+        backbone, args.adapter, args.out, merge=args.merge, int4=args.int4, labels=labels
     )
     size = result.model_path.stat().st_size / 2**20
     print(f"model   {result.model_path} ({size:.1f} MiB, {result.manifest['weights']})")
@@ -158,12 +166,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `edgetune export` to the CLI; it runs via `args.func(args)`."""
     p = subparsers.add_parser("export", help="export backbone + FedAdapter + head to ONNX")
-    p.add_argument("--backbone", help="zoo name or local model folder")
+    p.add_argument("--backbone", help="zoo name or model folder (default: the adapter file's)")
     p.add_argument("--adapter", type=Path, required=True, help="adapter file (AdapterHandle.save)")
     p.add_argument("--out", type=Path, help="export folder")
     p.add_argument("--merge", action="store_true", help="fold the branches (per-layer gate)")
     p.add_argument("--int4", action="store_true", help="backbone MatMuls as 4-bit MatMulNBits")
-    p.add_argument("--labels", help="class names, comma-separated (default class0..)")
+    p.add_argument("--labels", help="class names, comma-separated (default: the file's)")
     p.add_argument(
         "--into", type=Path, help="only write the adapter as .onnx_adapter for this export folder"
     )

@@ -49,7 +49,9 @@ __all__ = [
     "KIND_FEDADAPTER",
     "KIND_LORA",
     "META_ADAPTER_CONFIG",
+    "META_BACKBONE",
     "META_BUNDLES",
+    "META_CLASSES",
     "META_COMPRESSION",
     "META_DTYPE",
     "META_ENCODING",
@@ -129,6 +131,8 @@ META_BUNDLES = "edgetune.bundles"  # optional: comma-separated bundles sent (def
 # Adapter files a client saves (``AdapterHandle.save``):
 META_ADAPTER_CONFIG = "edgetune.adapter_config"
 META_GROUPS = "edgetune.groups"
+META_BACKBONE = "edgetune.backbone"  # the zoo name or folder the adapter was trained on
+META_CLASSES = "edgetune.classes"  # JSON list of the head's class names, in order
 
 PAYLOAD_UPDATE = "update"
 PAYLOAD_GLOBAL = "global"

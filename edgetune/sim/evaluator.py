@@ -10,8 +10,10 @@ model is the aggregated global branch + family bundle + head with the private br
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,6 +85,25 @@ class FamilyEvaluator:
             results.append({"version": version, "acc": result.accuracy, "loss": result.loss})
         self.next_version = max(self.next_version, latest + 1)
         return results
+
+    def save_final(self, folder: Path) -> Path:
+        """Write the family's global model as last evaluated (the family bundle, the global
+        branch and the head; no private branch) as ``adapter.safetensors`` with its backbone
+        and class names, ready for `edgetune export --adapter`; plus a ``model.json`` card."""
+        folder.mkdir(parents=True, exist_ok=True)
+        groups = tuple(g for g in self.runtime.hooks.saved_groups if g != GROUP_PRIVATE)
+        path = folder / "adapter.safetensors"
+        self.runtime.handle.save(path, groups=groups)
+        card = {
+            "family": self.family,
+            "backbone": self.runtime.backbone.spec.name,
+            "version": self.next_version - 1,
+            "classes": list(self.runtime.dataset.classes),
+            "groups": list(groups),
+            "export": f"edgetune export --adapter {path} --out <folder>",
+        }
+        (folder / "model.json").write_text(json.dumps(card, indent=1))
+        return path
 
     def evaluate_initial(self) -> dict[str, Any]:
         """The round-0 model without a server (local-only runs): the server's initial tensors."""

@@ -169,6 +169,12 @@ class Simulation:
             self._evaluate(evaluators, table)
             self.start_clients()
             self._follow(evaluators, table)
+            for family, evaluator in evaluators.items():
+                log.info(
+                    "final model of %s: %s",
+                    family,
+                    evaluator.save_final(self.out / "final" / family),
+                )
         finally:
             self.stop()
         return table.finish(time.perf_counter() - self.started, self._client_results())

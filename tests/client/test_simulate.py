@@ -1,6 +1,8 @@
 """`edgetune simulate` end to end: a real server and real client processes over loopback HTTP."""
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -40,6 +42,26 @@ def test_tiny_run_over_http_writes_every_output(tmp_path):
     for name in ("summary.json", "accuracy_vs_round.png", "accuracy_vs_mb.png", "table.txt"):
         assert (tmp_path / name).stat().st_size > 0
     assert all(c["returncode"] == 0 for c in summary["clients"])
+    _export_and_infer_the_final_model(tmp_path, "tiny-bert-d48-l3")
+
+
+def _export_and_infer_the_final_model(out: Path, family: str) -> None:
+    """What a newcomer does next: export a family's final model without naming its backbone
+    or its classes, then classify a text with ONNX Runtime and read a real class name."""
+    card = json.loads((out / "final" / family / "model.json").read_text())
+    assert card["backbone"] == family and card["version"] == 2
+    assert card["classes"] == ["computers", "food", "law"]
+    adapter = out / "final" / family / "adapter.safetensors"
+    export = _edgetune("export", "--adapter", str(adapter), "--out", str(out / "onnx"))
+    assert export.returncode == 0, export.stderr
+    infer = _edgetune("infer", "--model", str(out / "onnx"), "--text", "a recipe for pasta")
+    assert infer.returncode == 0, infer.stderr
+    assert infer.stdout.split("\t", 1)[0] in card["classes"]
+
+
+def _edgetune(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "edgetune", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
