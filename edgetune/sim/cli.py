@@ -19,13 +19,16 @@ def register_cli(sub: Any) -> None:
     simulate.set_defaults(func=_cmd_simulate)
     demo = sub.add_parser("demo", help="run the main job on the embedded default config")
     _common(demo, Path("runs/demo"))
-    demo.set_defaults(func=_cmd_demo, config=None, strategy=None)
+    # the embedded job replaces its own previous results (make demo stays re-runnable)
+    demo.set_defaults(func=_cmd_demo, config=None, strategy=None, overwrite=True)
 
 
 def _common(parser: argparse.ArgumentParser, out: Path) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.001")  # fmt: skip
     parser.add_argument("--out", type=Path, default=out, help=f"output folder (default {out})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete what --out holds first (else a used --out is refused)")  # fmt: skip
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -35,11 +38,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from edgetune.config import load_config
-    from edgetune.sim.harness import run_simulation
+    from edgetune.sim.harness import check_runnable, prepare_out, run_simulation
     from edgetune.sim.references import run_reference
 
     overrides = list(args.overrides) + ([f"strategy={args.strategy}"] if args.strategy else [])
     config = load_config(args.config or DEMO_CONFIG, overrides)
+    if not config.strategy_def.reference:
+        check_runnable(config)
+    prepare_out(args.out, args.overwrite)
     run = run_reference if config.strategy_def.reference else run_simulation
     summary = run(config, args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "clients"}, indent=1))

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,32 @@ def client_configs(
             configs.append(dataclasses.replace(config, client=client, train=train))
             index += 1
     return configs
+
+
+def check_runnable(config: RunConfig) -> None:
+    """What simulate refuses before it writes or starts anything: no clients, a quorum above
+    the client count (the run would wait for every deadline), ranks the strategy cannot mix."""
+    if not config.groups:
+        raise ConfigError("simulate needs at least one [[group]] table of clients")
+    if config.server.min_clients > config.num_clients:
+        raise ConfigError(
+            f"server.min_clients={config.server.min_clients} exceeds the "
+            f"{config.num_clients} clients of the [[group]] tables: no round could close"
+        )
+    evaluation_plan(config)
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds anything, unless ``overwrite`` (then empty it)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"--out {out} already holds a run; choose another folder or pass --overwrite "
+                "(which deletes what is there)"
+            )
+        shutil.rmtree(out)
 
 
 #: (shard of each client in group order, shards in all)
@@ -155,11 +182,9 @@ class Simulation:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        check_runnable(self.config)  # before anything is written
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=1))
-        if not self.config.groups:
-            raise ConfigError("simulate needs at least one [[group]] table of clients")
-        evaluation_plan(self.config)  # refuses ranks the strategy cannot mix, before any start
         table = RoundTable(self.out, self.config)
         try:
             if not self.config.strategy_def.federated:

@@ -180,3 +180,27 @@ def test_readme_config_reference_is_current():
     assert config_reference() in README.read_text(), (
         "regenerate with edgetune.config.config_reference()"
     )
+
+
+def test_a_used_out_folder_is_refused_unless_overwrite(tmp_path, capsys):
+    from edgetune.cli import main
+
+    out = tmp_path / "run"
+    args = ["simulate", "--config", str(TINY), "--strategy", "probe", "--out", str(out)]
+    assert main(args) == 0
+    before = (out / "summary.json").read_text()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds a run" in err and "Traceback" not in err
+    assert (out / "summary.json").read_text() == before  # the old results are untouched
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_a_quorum_above_the_client_count_is_refused_before_anything_starts(tmp_path, capsys):
+    from edgetune.cli import main
+
+    out = tmp_path / "run"
+    args = ["simulate", "--config", str(TINY), "--set", "server.min_clients=4", "--out", str(out)]
+    assert main(args) == 2
+    assert "server.min_clients=4 exceeds the 3 clients" in capsys.readouterr().err
+    assert not out.exists()
