@@ -72,7 +72,12 @@ def register_cli(subparsers: Any) -> None:
 
 def read_join_token(path: Path | None) -> str:
     if path is not None:
-        token = path.read_text().strip()
+        try:
+            token = path.read_text().strip()
+        except FileNotFoundError as exc:
+            raise ConfigError(f"join token file {path} does not exist") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"join token file {path} cannot be read: {exc}") from exc
         source = str(path)
     else:
         token = os.environ.get(JOIN_TOKEN_ENV, "").strip()

@@ -149,6 +149,11 @@ class ClientRuntime:
         while True:
             info = self.server.current_round()
             if info["finished"] or (max_rounds and self.state["last_round"] >= max_rounds):
+                if info["finished"] and not self.state["last_round"]:
+                    log.warning(
+                        "the server at %s has already finished its rounds; nothing to train",
+                        self.config.client.url,
+                    )
                 return self._finish()
             stale = info["round"] <= self.state["last_round"]
             if info["uploaded"] or not info["accepting"] or stale:

@@ -95,7 +95,8 @@ class ServerClient:
         raise ServerError(
             503,
             "unreachable",
-            f"{method} {path} failed after {self.retries + 1} attempts: {last_error}",
+            f"{self.base_url} did not answer {method} {path} after {self.retries + 1} attempts "
+            f"(last: {last_error}); is the server running at that address?",
         )
 
     @staticmethod

@@ -255,7 +255,13 @@ def _read_image(path: str | Path) -> np.ndarray:
 # -- CLI ---------------------------------------------------------------------------------------
 def _cmd_infer(args: argparse.Namespace) -> int:
     inputs = args.text or args.image
+    if args.text is not None and not all(t.strip() for t in args.text):
+        raise ConfigError("--text is empty: give the text to classify")
     clf = OnnxClassifier(args.model, threads=args.threads)
+    modality = clf.manifest["modality"]
+    if (args.image is not None) != (modality == "image"):
+        given = "--image" if args.image is not None else "--text"
+        raise ConfigError(f"{args.model} is a {modality} model: {given} does not apply")
     predictions = clf.predict(inputs, adapter=args.adapter)
     if args.json:
         rows = [

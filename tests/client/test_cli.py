@@ -40,3 +40,12 @@ def test_zoo_prints_quantized_weight_memory():
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()}
     assert rows["none"][-3] == "1.000" and float(rows["nf4"][-1]) < 0.2  # linears shrink ~8x
+
+
+def test_server_names_a_missing_join_token_file(tmp_path):
+    missing = tmp_path / "nope"
+    proc = _run("server", "--state", str(tmp_path / "s"), "--set", "server.min_clients=2",
+                "--join-token-file", str(missing))  # fmt: skip
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.count("\n") == 0 and "Traceback" not in err
+    assert f"join token file {missing} does not exist" in err

@@ -480,3 +480,17 @@ def _torch_preprocess(images, size, resize=None, mean=(0.5,) * 3, std=(0.5,) * 3
     batch = batch[..., top : top + size, left : left + size]
     mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     return ((batch - mean) / std).numpy()
+
+
+def test_infer_input_mistakes_are_one_line(l6, tmp_path, capsys):
+    """An empty text and an image given to a text model are named, without a traceback."""
+    from edgetune.cli import main
+
+    model = str(l6["root"] / "export")
+    assert main(["infer", "--model", model, "--text", " "]) == 2
+    assert "--text is empty" in capsys.readouterr().err
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not read: refused before")
+    assert main(["infer", "--model", model, "--image", str(image)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is a text model: --image does not apply" in err
