@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(name).register_cli(sub)
     _register_zoo(sub)
     _register_data(sub)
+    for command in sub.choices.values():  # -v before or after the subcommand alike
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging")  # fmt: skip
     return parser
 
 
@@ -119,7 +122,7 @@ def _register_data(sub: Any) -> None:
     data = sub.add_parser("data", help="list datasets, or show one dataset's class counts")
     data.add_argument("name", nargs="?", help="fortunes | mnist5k | digits | file.csv/.jsonl")
     data.add_argument("--categories", help="fortunes categories, comma-separated")
-    data.add_argument("--clients", type=int, default=0, help="also show a Dirichlet partition")
+    data.add_argument("--clients", type=_positive, help="also show a Dirichlet partition")
     data.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     data.add_argument("--seed", type=int, default=0, help="seeds the split and the partition")
     data.set_defaults(func=_cmd_data)
@@ -149,6 +152,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
         )
         print(partition_summary(dataset.train.labels, parts, dataset.classes))
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

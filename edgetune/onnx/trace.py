@@ -209,6 +209,7 @@ def _onnx_export(
     # "torchvision is not installed. Skipping torchvision::nms" and alike, once per process
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # an INFO line per deduplication
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)  # an INFO line per folded node
     with warnings.catch_warnings():
         # the batch/seq Dims are shared by both text inputs on purpose; LeafSpec is torch's own
         warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")

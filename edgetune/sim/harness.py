@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from edgetune.config import ClientConfig, RunConfig, config_to_dict
 from edgetune.errors import ConfigError, EdgeTuneError
 from edgetune.sim.evaluator import FamilyEvaluator, evaluation_plan
@@ -93,6 +95,15 @@ def prepare_out(out: Path, overwrite: bool) -> None:
                 "(which deletes what is there)"
             )
         shutil.rmtree(out)
+
+
+def _show_progress(bar: tqdm, info: dict[str, Any], table: RoundTable) -> None:
+    """Closed rounds on the bar (with its ETA) and the newest global accuracy per family."""
+    closed = info["round"] if info["finished"] else info["round"] - 1
+    if closed > bar.n:
+        bar.update(closed - bar.n)
+        latest = table.rows[-1]["global_acc"] if table.rows else {}
+        bar.set_postfix({f[:12]: f"{100 * a:.1f}%" for f, a in latest.items()})
 
 
 #: (shard of each client in group order, shards in all)
@@ -221,9 +232,11 @@ class Simulation:
         whose server makes no progress for a whole round timeout after they exited does.
         """
         grace_until = None
+        bar = tqdm(total=self.config.rounds, desc="rounds", unit="round", dynamic_ncols=True)
         while True:
             info = next(iter(evaluators.values())).current_round()
             self._evaluate(evaluators, table)
+            _show_progress(bar, info, table)
             if info["finished"]:
                 break
             if all(p.poll() is not None for p in self.clients):
@@ -234,6 +247,7 @@ class Simulation:
                     log.error("clients exited and round %s never closed; stopping", info["round"])
                     break
             time.sleep(0.5)
+        bar.close()
         self._wait_clients()
         self._evaluate(evaluators, table)
 

@@ -49,3 +49,11 @@ def test_server_names_a_missing_join_token_file(tmp_path):
     err = proc.stderr.strip()
     assert proc.returncode == 2 and err.count("\n") == 0 and "Traceback" not in err
     assert f"join token file {missing} does not exist" in err
+
+
+def test_verbose_anywhere_version_and_positive_clients():
+    assert _run("zoo", "-v").returncode == 0 and _run("-v", "zoo").returncode == 0
+    version = _run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("edgetune ")
+    zero = _run("data", "fortunes", "--clients", "0")
+    assert zero.returncode == 2 and "0 is not a positive number" in zero.stderr
