@@ -284,5 +284,5 @@ def run_simulation(config: RunConfig, out: Path, shards: ShardPlan | None = None
     if config.strategy_def.reference:
         raise ConfigError(f"strategy {config.strategy!r} is a reference row: use run_reference")
     summary = Simulation(config, out, shards).run()
-    write_plots(out)
+    write_plots(out, title=f"{config.strategy}: {out.name}")
     return summary

@@ -164,36 +164,50 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def write_plots(out: Path) -> list[Path]:
-    """accuracy vs round, and cumulative MB vs accuracy, as PNG files in `out`."""
+def write_plots(out: Path, title: str = "") -> list[Path]:
+    """Accuracy vs round and vs cumulative MB as PNG files in ``out``: each family's global
+    model (solid) beside its clients' personal accuracy (dashed), titled with ``title``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    families = sorted({f for row in rows for f in row["global_acc"]})
     paths = []
     for name, xkey, xlabel in (
         ("accuracy_vs_round.png", "round", "round"),
         ("accuracy_vs_mb.png", "cum_bytes", "cumulative MB (up + down)"),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for family in families:
-            points = [
-                (r[xkey] / (MB if xkey == "cum_bytes" else 1), r["global_acc"][family])
-                for r in rows
-                if family in r["global_acc"]
-            ]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=family)
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        drawn = _plot_curves(ax, rows, xkey)
+        if xkey == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("global-model test accuracy")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        if families:
-            ax.legend()
+        if drawn:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
         paths.append(out / name)
     return paths
+
+
+def _plot_curves(ax: Any, rows: list[dict[str, Any]], xkey: str) -> int:
+    """One solid line per family's global model, one dashed per family's personal accuracy
+    (a single point, as in a local-only run, is drawn as a marker); returns lines drawn."""
+    scale = MB if xkey == "cum_bytes" else 1
+    keys = {"global_acc": ("-", "global"), "personal_acc": ("--", "personal")}
+    families = sorted({f for row in rows for key in keys for f in row.get(key, {})})
+    drawn = 0
+    for key, (style, label) in keys.items():
+        for index, family in enumerate(families):  # one colour per family
+            points = [(r[xkey] / scale, r[key][family]) for r in rows if family in r.get(key, {})]
+            if points:
+                ax.plot(*zip(*points), linestyle=style, marker="o", color=f"C{index}",
+                        label=f"{family} {label}")  # fmt: skip
+                drawn += 1
+    return drawn
