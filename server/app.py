@@ -24,6 +24,7 @@ from edgetune.protocol import PROTOCOL_VERSION
 from edgetune.strategies.base import GLOBAL, family_model
 
 from .rounds import Coordinator
+from .status import client_view
 from .storage import ClientRecord
 from .validation import ApiError
 
@@ -291,6 +292,8 @@ def _install_upload_and_status_routes(app: FastAPI, coord: Coordinator) -> None:
 
     @app.get("/v1/status", tags=["meta"])
     async def status(request: Request) -> dict[str, Any]:
-        """Rounds, participants, bytes in/out, per-family metrics (join or client token)."""
-        await run_in_threadpool(coord.check_status_token, _bearer(request))
-        return await run_in_threadpool(coord.status)
+        """Rounds, participants, bytes in/out, per-family metrics: all of it with the join
+        token; a client token sees no other client's id."""
+        reader = await run_in_threadpool(coord.status_reader, _bearer(request))
+        status = await run_in_threadpool(coord.status)
+        return status if reader is None else client_view(status, reader.client_id)

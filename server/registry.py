@@ -113,11 +113,12 @@ class Registry:
             txn.later("client_revoked", client=client_id)
         return {"revoked": client_id}
 
-    def check_status_token(self, token: str) -> None:
-        """Status is readable with the join token or any client token."""
+    def status_reader(self, token: str) -> ClientRecord | None:
+        """Who reads ``/v1/status``: None for the join token (everything), else the client
+        (whose view names no other client)."""
         if hmac.compare_digest(hash_token(token), self._join_hash):
-            return
-        self.authenticate(token)
+            return None
+        return self.authenticate(token)
 
     # -- registration ----------------------------------------------------------------------
     def register(self, join_token: str, spec_data: Mapping[str, Any], tier: str) -> dict[str, Any]:

@@ -58,3 +58,13 @@ def build_status(
         "uploads": storage.counter("uploads"),
         "metrics": _metrics(storage),
     }
+
+
+def client_view(status: dict[str, Any], client_id: str) -> dict[str, Any]:
+    """The status as one client may read it: the participants of each round are counted, and
+    only this client is named among them."""
+    rounds = []
+    for r in status["rounds"]:
+        named = [c for c in r["participants"] if c == client_id]
+        rounds.append({**r, "participants": named, "participant_count": len(r["participants"])})
+    return {**status, "rounds": rounds}

@@ -248,3 +248,18 @@ def test_tokens_can_be_revoked_and_expire(live_server) -> None:
     time.sleep(1.2)
     answer = other.http.get("/v1/rounds/current", headers=other.headers)
     assert answer.status_code == 401 and answer.json()["error"] == "token_expired"
+
+
+def test_a_client_token_reads_a_status_that_names_no_other_client(live_server) -> None:
+    """Defect 8: any client token read /v1/status with every client id."""
+    srv = live_server(min_clients=2)
+    mine, other = ApiClient(srv.url, small_spec()), ApiClient(srv.url, small_spec())
+    for client, seed in ((mine, 1), (other, 2)):
+        assert (
+            client.put(1, client.encode(random_update(client.spec, seed), 1, 5)).status_code == 201
+        )
+    wait_for_round(mine, 2)
+    seen = httpx.get(f"{srv.url}/v1/status", headers=mine.headers).json()["rounds"][0]
+    assert seen["participants"] == [mine.client_id] and seen["participant_count"] == 2
+    full = httpx.get(f"{srv.url}/v1/status", headers=ApiClient.auth(JOIN_TOKEN)).json()
+    assert sorted(full["rounds"][0]["participants"]) == sorted([mine.client_id, other.client_id])
