@@ -145,6 +145,7 @@ def serve(
     import uvicorn
 
     from .app import create_app
+    from .connections import with_header_deadline
     from .rounds import Coordinator
     from .storage import Storage
 
@@ -174,6 +175,7 @@ def serve(
         log_config=None,  # keep the JSON handlers installed by setup_logging
         access_log=False,
         timeout_graceful_shutdown=5,
+        http=with_header_deadline(config.header_timeout_s),
     )
     uvicorn.Server(uv).run()
     storage.close()

@@ -56,6 +56,7 @@ DOCS = {
     "server.max_clients": "registered clients at most",
     "server.registrations_per_minute": "registration attempts per minute, all clients together",
     "server.body_timeout_s": "seconds an upload's body may take to arrive",
+    "server.header_timeout_s": "seconds a request's head may take to arrive",
     "server.max_concurrent_uploads": "uploads read at once; more are answered 429",
     "server.token_ttl_s": "client tokens expire this long after registration, 0 = never",
     "server.allowed_dtypes": "float dtypes an update may use",

@@ -223,6 +223,7 @@ class ServerConfig:
     max_clients: int = 10_000
     registrations_per_minute: int = 600
     body_timeout_s: float = 60.0  # an upload's body must arrive within this many seconds
+    header_timeout_s: float = 10.0  # a request's head must arrive within this many seconds
     max_concurrent_uploads: int = 32
     token_ttl_s: float = 0.0  # a client token expires this long after registration; 0 = never
     allowed_dtypes: tuple[str, ...] = FLOAT_DTYPES
@@ -256,6 +257,7 @@ class ServerConfig:
         check_int("server.max_clients", self.max_clients, 1, 10_000_000)
         check_int("server.registrations_per_minute", self.registrations_per_minute, 1, 1 << 30)
         check_number("server.body_timeout_s", self.body_timeout_s, 0.0, 86_400.0, open_low=True)
+        check_number("server.header_timeout_s", self.header_timeout_s, 0.0, 3600.0, open_low=True)
         check_int("server.max_concurrent_uploads", self.max_concurrent_uploads, 1, 100_000)
         check_number("server.token_ttl_s", self.token_ttl_s, 0.0, 1e9)
         ok = bool(self.allowed_dtypes) and all(d in FLOAT_DTYPES for d in self.allowed_dtypes)

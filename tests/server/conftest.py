@@ -19,6 +19,7 @@ import uvicorn
 from edgetune.config import RunConfig, ServerConfig
 from edgetune.protocol import AdapterSpec, decode_payload, encode_update
 from edgetune.server.app import create_app
+from edgetune.server.connections import with_header_deadline
 from edgetune.server.rounds import Coordinator
 from edgetune.server.storage import Storage
 
@@ -70,7 +71,11 @@ class LiveServer:
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         uv = uvicorn.Config(
-            create_app(self.coord), log_level="warning", access_log=False, lifespan="on"
+            create_app(self.coord),
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            http=with_header_deadline(self.config.header_timeout_s),
         )
         self.server = uvicorn.Server(uv)
         self.thread = threading.Thread(

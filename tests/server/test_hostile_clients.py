@@ -263,3 +263,24 @@ def test_a_client_token_reads_a_status_that_names_no_other_client(live_server) -
     assert seen["participants"] == [mine.client_id] and seen["participant_count"] == 2
     full = httpx.get(f"{srv.url}/v1/status", headers=ApiClient.auth(JOIN_TOKEN)).json()
     assert sorted(full["rounds"][0]["participants"]) == sorted([mine.client_id, other.client_id])
+
+
+def test_request_heads_sent_a_byte_at_a_time_are_cut_off(live_server) -> None:
+    """Defect 7: a client sending its headers a byte at a time held its connection open for
+    as long as it liked (each byte reset the keep-alive timer)."""
+    srv = live_server(min_clients=2, header_timeout_s=1.0)
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    started = time.monotonic()
+    closed = False
+    for byte in b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:  # the server closed the connection
+            closed = True
+            break
+        time.sleep(0.05)
+    if not closed:
+        closed = sock.recv(1024) == b""
+    sock.close()
+    assert closed and time.monotonic() - started < 5
+    assert httpx.get(f"{srv.url}/v1/health", timeout=5).status_code == 200  # others unaffected
