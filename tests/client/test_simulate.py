@@ -129,6 +129,9 @@ def test_killing_a_client_mid_run_does_not_stop_it(tmp_path):
     assert rows[1]["clients"] in (2, 3) and rows[2]["clients"] == 2
     assert set(rows[-1]["global_acc"]) == {"tiny-bert-d32-l2", "tiny-bert-d48-l3"}
     assert result["clients"][2]["returncode"] != 0
+    for path in tmp_path.rglob("*"):  # the join token travels in the environment, never on disk
+        if path.is_file():
+            assert sim.token.encode() not in path.read_bytes(), path
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -107,6 +108,13 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
 def test_reader_connections_are_bounded_whatever_the_threads(live_server) -> None:
     """Defect 3: a reader connection per worker thread, never closed, leaked descriptors as the
     thread pool replaced idle threads. Readers are pooled now: short-lived threads (the worst
@@ -125,10 +133,13 @@ def test_reader_connections_are_bounded_whatever_the_threads(live_server) -> Non
             list(pool.map(lambda _: client.round(), range(32)))
 
     burst()
-    settled = _open_fds()
-    for _ in range(3):
+    settled, rss = _open_fds(), _rss_bytes()
+    for _ in range(5):
         burst()
+        time.sleep(0.2)  # idle between bursts
     assert _open_fds() - settled <= 8  # keep-alive sockets of the client may come and go
+    # 160 requests; the allocator keeps some arenas, but no per-request or per-thread growth
+    assert _rss_bytes() - rss < 32 * 2**20
     assert len(srv.storage._readers) <= MAX_READERS
 
 
