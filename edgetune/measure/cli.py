@@ -70,24 +70,29 @@ def _blocks_arg(text: str) -> str | tuple[int, ...]:
 
 def register_cli(sub: Any) -> None:
     """Add the ``profile`` subcommand; it runs via ``args.func(args)``."""
-    p = sub.add_parser("profile", help="FLOPs, params, bytes, latency, memory of a setup")
+    p = sub.add_parser(
+        "profile",
+        help="FLOPs, params, bytes, latency, memory of a setup",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--backbone", required=True, help="zoo name or model folder")
-    p.add_argument("--quant", default=QUANT_NONE, choices=QUANT_MODES)
-    p.add_argument("--adapter", default=KIND_FEDADAPTER, choices=ADAPTERS)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--quant", default=QUANT_NONE, choices=QUANT_MODES, help="backbone weights")
+    p.add_argument("--adapter", default=KIND_FEDADAPTER, choices=ADAPTERS, help="what trains")
+    p.add_argument("--batch", type=int, default=8, help="samples per step")
+    p.add_argument("--seq", type=int, default=64, help="tokens per sample (text models)")
     p.add_argument("--rank", type=int, default=16, help="FedAdapter rank")
     p.add_argument("--blocks", type=_blocks_arg, default="all",
                    help="FedAdapter blocks: all, from:N, or indices like 0,2 (not on the wire)")  # fmt: skip
     p.add_argument("--branches", default=",".join(BRANCHES),
                    help="FedAdapter branches, comma-separated (the wire carries all three)")  # fmt: skip
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--n-classes", type=int, default=6)
-    p.add_argument("--compression", default=COMPRESSION_NONE, choices=COMPRESSIONS)
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (--adapter lora)")
+    p.add_argument("--n-classes", type=int, default=6, help="classes of the task head")
+    p.add_argument("--compression", default=COMPRESSION_NONE, choices=COMPRESSIONS,
+                   help="update compression for the byte counts")  # fmt: skip
     p.add_argument("--family-every", type=int, default=1, help="family bundle every P rounds")
     p.add_argument("--runs", type=int, default=5, help="timed runs after warm-up")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=run_cli)
 
