@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from edgetune.adapters.lora import LoraHandle
+from edgetune.adapters.peft_format import peft_expressible, save_peft_adapter
 from edgetune.client.runtime import ClientRuntime
 from edgetune.client.trainer import EncodedSplit, evaluate
 from edgetune.config import ClientConfig, RunConfig
@@ -94,6 +96,9 @@ class FamilyEvaluator:
         groups = tuple(g for g in self.runtime.hooks.saved_groups if g != GROUP_PRIVATE)
         path = folder / "adapter.safetensors"
         self.runtime.handle.save(path, groups=groups)
+        handle = self.runtime.handle
+        if isinstance(handle, LoraHandle) and peft_expressible(handle):  # PEFT's format too
+            save_peft_adapter(handle, folder / "peft")
         card = {
             "family": self.family,
             "backbone": self.runtime.backbone.spec.name,

@@ -49,3 +49,42 @@ def test_lora_errors():
     backbone = load_backbone("tiny-bert-d32-l1")
     with pytest.raises(ConfigError, match="match no linear"):
         apply_lora(backbone.model, backbone.spec, LoraConfig(targets=("nonexistent",)))
+
+
+def test_a_lora_adapter_saved_in_peft_format_loads_in_peft(tmp_path):
+    """PEFT's own loader reads our saved LoRA and computes what our model computes (atol 1e-5:
+    the same fp32 products in another module order)."""
+    peft = pytest.importorskip("peft")
+    from edgetune.adapters.peft_format import HEAD_FILE, save_peft_adapter
+    from edgetune.models.zoo import load_backbone
+
+    backbone = load_backbone("tiny-bert-d32-l2")
+    ours_model = copy.deepcopy(backbone.model)
+    handle = apply_lora(ours_model, backbone.spec, LoraConfig(rank=4, alpha=8.0))
+    with torch.no_grad():
+        for tensor in handle.trainable_parameters():
+            tensor.normal_(0.0, 0.2)
+    folder = save_peft_adapter(handle, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(backbone.model), str(folder)).eval()
+    tokens = backbone.tokenizer(["Federated learning.", "A short one."], padding=True,
+                                return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        ours = ours_model(**tokens).last_hidden_state
+        theirs = loaded(**tokens).last_hidden_state
+        base = backbone.model(**tokens).last_hidden_state
+    assert (ours - base).abs().max() > 1e-2  # the factors matter
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert not (folder / HEAD_FILE).exists()  # no head was attached to this handle
+
+
+def test_folded_flora_updates_are_not_written_as_peft(tmp_path):
+    from edgetune.adapters.peft_format import save_peft_adapter
+    from edgetune.models.zoo import load_backbone
+
+    backbone = load_backbone("tiny-bert-d32-l2")
+    handle = apply_lora(copy.deepcopy(backbone.model), backbone.spec, LoraConfig(rank=2))
+    module = next(iter(handle.lora_modules.values()))
+    module.merged = torch.zeros(module.base.out_features, module.base.in_features)
+    with pytest.raises(ConfigError, match="PEFT's LoRA format cannot carry them"):
+        save_peft_adapter(handle, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

@@ -84,7 +84,13 @@ def _edgetune(*args: str) -> subprocess.CompletedProcess:
     ids=["flora", "hetlora-ranks", "fedadapter-group-ranks", "fedadapter-int8-family-every-2"],
 )
 def test_other_strategies_and_comm_knobs_run_end_to_end(tmp_path, overrides):
-    summary = run_simulation(load_config(TINY, overrides), tmp_path)
+    config = load_config(TINY, overrides)
+    summary = run_simulation(config, tmp_path)
+    for family in ("tiny-bert-d32-l2", "tiny-bert-d48-l3"):  # the final model of each family
+        final = tmp_path / "final" / family
+        assert (final / "adapter.safetensors").is_file()
+        peft = config.strategy_def.adapter == "lora" and config.strategy != "flora"  # folded
+        assert (final / "peft" / "adapter_config.json").is_file() == peft
     rows = _metrics(tmp_path)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(c["returncode"] == 0 for c in summary["clients"])
