@@ -37,6 +37,7 @@ from edgetune.protocol.names import (
     META_FINGERPRINT,
     family_name,
     global_name,
+    lora_factor,
     private_name,
 )
 
@@ -137,6 +138,11 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str
     for key in REQUIRED_META:
         if key not in meta:
             raise ConfigError(f"{path}: metadata has no {key!r}; write it with AdapterHandle.save")
+    if any(lora_factor(n) for n in tensors):
+        raise ConfigError(
+            f"{path} is a LoRA adapter: ONNX export takes FedAdapter adapters; a LoRA run's "
+            "final/<family>/peft/ folder loads in peft (PeftModel.from_pretrained)"
+        )
     if HEAD_WEIGHT not in tensors:
         raise ConfigError(f"{path}: has no {HEAD_WEIGHT}; export needs the classifier head")
     return {n: np.asarray(v, dtype=np.float32) for n, v in tensors.items()}, meta

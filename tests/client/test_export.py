@@ -494,3 +494,20 @@ def test_infer_input_mistakes_are_one_line(l6, tmp_path, capsys):
     assert main(["infer", "--model", model, "--image", str(image)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is a text model: --image does not apply" in err
+
+
+def test_a_lora_adapter_file_is_refused_by_name(tmp_path, capsys):
+    """Issue 17: exporting a LoRA adapter failed with "... is not valid: 'branches'"."""
+    from edgetune.adapters.lora import apply_lora
+    from edgetune.cli import main
+    from edgetune.config import LoraConfig
+    from edgetune.models.zoo import load_backbone
+
+    backbone = load_backbone("tiny-bert-d32-l2")
+    task = build_task_model(backbone, "classify", n_classes=3)
+    handle = apply_lora(task.body, backbone.spec, LoraConfig(rank=2), head=task.head)
+    handle.save(tmp_path / "lora.safetensors", groups=("lora", "head"))
+    args = ["export", "--adapter", str(tmp_path / "lora.safetensors"), "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is a LoRA adapter" in err and "peft" in err
