@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from edgetune.config.run import SECTIONS, RunConfig
+from edgetune.config.run import SECTIONS, RunConfig, field_default
 from edgetune.config.sections import ClientGroup
 from edgetune.strategies.registry import NAMES
 
@@ -96,12 +96,7 @@ def config_reference() -> str:
 
 
 def _row(key: str, f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        default = None
+    default = field_default(f)
     shown = (
         "required"
         if default is None

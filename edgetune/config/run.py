@@ -99,7 +99,8 @@ class RunConfig:
         return self.lora.rank if self.strategy_def.adapter == "lora" else self.adapter.rank
 
 
-def _default(f: dataclasses.Field) -> Any:
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default (its factory called), or None for a required field."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -129,7 +130,7 @@ def build_section(cls: type, values: Any, prefix: str) -> Any:
             f"unknown key(s) {[prefix + k for k in unknown]}; allowed: "
             f"{[prefix + n for n in names]}"
         )
-    converted = {k: _coerce(v, _default(names[k]), prefix + k) for k, v in values.items()}
+    converted = {k: _coerce(v, field_default(names[k]), prefix + k) for k, v in values.items()}
     try:
         return cls(**converted)
     except TypeError as err:
@@ -154,7 +155,7 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(
             f"unknown key(s) {unknown}; allowed: {allowed}, sections {list(SECTIONS)}"
         )
-    values = {k: _coerce(v, _default(top[k]), k) for k, v in scalars.items()}
+    values = {k: _coerce(v, field_default(top[k]), k) for k, v in scalars.items()}
     return RunConfig(**values, **sections, groups=groups)
 
 

@@ -77,7 +77,6 @@ __all__ = [
     "anchor_blocks",
     "anchor_layers",
     "branch_leaf_shapes",
-    "branch_prefix",
     "family_name",
     "global_name",
     "group_of",
@@ -181,17 +180,6 @@ def head_name(leaf: str) -> str:
 def lora_name(module: str, leaf: str) -> str:
     """``lora.{module}.A`` or ``.B``."""
     return f"{GROUP_LORA}.{module}.{leaf}"
-
-
-def branch_prefix(branch: str, block: int, anchor: int | None) -> str:
-    """Where branch ``branch`` of block ``block`` keeps its C and q (anchor: 1-based or None)."""
-    if branch == GROUP_GLOBAL:
-        if anchor is None:
-            raise ValueError(f"block {block} holds no global slot")
-        return f"{GROUP_GLOBAL}.anchor{anchor}"
-    if branch not in BRANCHES:
-        raise ValueError(f"unknown branch {branch!r}; branches are {BRANCHES}")
-    return f"{branch}.layer{block}"
 
 
 def group_of(name: str) -> str:

@@ -10,6 +10,7 @@ model is the aggregated global branch + family bundle + head with the private br
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import tempfile
@@ -133,6 +134,13 @@ def eval_subset(config: RunConfig, test: Split) -> Split:
     return test.subset(np.sort(order[:wanted]))
 
 
+@functools.lru_cache(maxsize=64)
+def family_of(backbone: str) -> str:
+    """The family of a zoo name or model folder; each backbone is loaded once per process
+    (simulate asks before it starts, again when it starts, and the references per family)."""
+    return load_backbone(backbone).spec.family
+
+
 def evaluation_plan(config: RunConfig) -> dict[str, tuple[str, int]]:
     """Family -> (backbone, rank) of its evaluator; refuses ranks the strategy cannot mix.
 
@@ -141,12 +149,9 @@ def evaluation_plan(config: RunConfig) -> dict[str, tuple[str, int]]:
     the strategy lets ranks differ within a family (HetLoRA, FlexLoRA).
     """
     families: dict[str, list[tuple[str, int]]] = {}
-    family_of: dict[str, str] = {}
     for group in config.groups:
-        if group.backbone not in family_of:
-            family_of[group.backbone] = load_backbone(group.backbone).spec.family
         rank = config.client_rank(group.rank)
-        families.setdefault(family_of[group.backbone], []).append((group.backbone, rank))
+        families.setdefault(family_of(group.backbone), []).append((group.backbone, rank))
     check_ranks(config, families)
     return {f: (ms[0][0], max(rank for _, rank in ms)) for f, ms in families.items()}
 

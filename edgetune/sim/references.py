@@ -38,7 +38,7 @@ from edgetune.data.shards import load_run_dataset
 from edgetune.errors import EdgeTuneError
 from edgetune.models.heads import build_task_model
 from edgetune.models.zoo import load_backbone
-from edgetune.sim.evaluator import eval_subset, evaluation_plan
+from edgetune.sim.evaluator import eval_subset, evaluation_plan, family_of
 from edgetune.sim.harness import run_simulation
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,8 @@ def isolated(config: RunConfig, family: str, backbone_name: str, out: Path) -> d
     groups: list[ClientGroup] = []
     shard_ids: list[int] = []
     index = 0
-    families = {g.backbone: load_backbone(g.backbone).spec.family for g in config.groups}
     for group in config.groups:
-        if families[group.backbone] == family:
+        if family_of(group.backbone) == family:
             groups.append(group)
             shard_ids += list(range(index, index + group.count))
         index += group.count

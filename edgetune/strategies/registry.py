@@ -42,6 +42,10 @@ class StrategyDef:
     rank_scope: str = "family"
     reference: bool = False  # a reference row `simulate` computes (edgetune.sim.references)
 
+    def __post_init__(self) -> None:
+        if self.rank_scope not in RANK_SCOPES:
+            raise ValueError(f"{self.name}: rank_scope={self.rank_scope!r} not in {RANK_SCOPES}")
+
     @property
     def federated(self) -> bool:
         return self.server is not None
