@@ -53,14 +53,18 @@ def fused_adapter(
     C: [n, r, r], q: [n, r], alpha: [n] (per layer) or [..., n] (per token, same leading dims as
     x), already normalised by the caller; U: [r, d_out], b_U: [d_out]; residual: [..., d_out].
     Math: z = gelu(x @ D + b_D) (exact erf), u = z + sum_b alpha_b (z @ C_b + q_b).
-    Parameters in another floating dtype are cast to x.dtype (autograd flows through the cast);
-    the residual must already have x's dtype. Returns x.dtype, shape [..., d_out].
+    Parameters may have another floating dtype than x (e.g. fp32 master weights beside bf16
+    activations): every path computes in x's precision (fp32 accumulation) and returns each
+    parameter's gradient in the parameter's own dtype, accumulated in fp32 and never rounded
+    through x's dtype. The residual must already have x's dtype. Returns x.dtype, [..., d_out].
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if alpha.dim() > 1:
         alpha = alpha.reshape(-1, alpha.shape[-1])
-    params = [t if t.dtype == x.dtype else t.to(x.dtype) for t in (D, b_D, C, q, alpha, U, b_U)]
+    params = (D, b_D, C, q, alpha, U, b_U)
+    if not all(t.is_floating_point() for t in params):
+        raise TypeError("fused_adapter: parameters must be floating point")
     res2 = None
     if residual is not None:
         if residual.dtype != x.dtype:

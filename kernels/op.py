@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .reference import reference_backward, reference_fp64
-from .torch_path import torch_backward, torch_forward
+from .torch_path import torch_backward, torch_forward, torch_forward_saving
 
 log = logging.getLogger("edgetune.kernels")
 
@@ -191,21 +191,34 @@ def eager_forward(
 
 
 class EagerFusedAdapter(torch.autograd.Function):
-    """autograd.Function over the dispatched implementations (see eager_fast_path_ok)."""
+    """autograd.Function over the dispatched implementations (see eager_fast_path_ok).
+
+    On the torch path it also saves h = x @ D + b_D and [gelu(h) | 1] (two [T, r] tensors, each
+    r/d_in of x) so the backward skips one of its five skinny GEMMs and the GELU; the other
+    paths save only inputs and parameters.
+    """
 
     @staticmethod
     def forward(ctx, x, D, b_D, C, q, alpha, U, b_U, scale, residual):
         ctx.path = _resolve(x.device)
-        ctx.save_for_backward(x, D, b_D, C, q, alpha, U, b_U)
         ctx.scale = scale
         ctx.has_residual = residual is not None
-        return _forward_impl(ctx.path)(x, D, b_D, C, q, alpha, U, b_U, scale, residual)
+        args = (x, D, b_D, C, q, alpha, U, b_U)
+        if ctx.path == "torch":
+            out, (h, z1) = torch_forward_saving(*args, scale, residual)
+            ctx.save_for_backward(*args, h, z1)
+            return out
+        ctx.save_for_backward(*args)
+        return _forward_impl(ctx.path)(*args, scale, residual)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         need_dx = bool(ctx.needs_input_grad[0])
-        grads = _backward_impl(ctx.path)(grad, *ctx.saved_tensors, ctx.scale, need_dx=need_dx)
+        saved = ctx.saved_tensors
+        extra = {"saved": saved[8:]} if len(saved) == 10 else {}
+        bwd = _backward_impl(ctx.path)
+        grads = bwd(grad, *saved[:8], ctx.scale, need_dx=need_dx, **extra)
         return (*grads, None, grad if ctx.has_residual else None)
 
 

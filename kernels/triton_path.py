@@ -118,10 +118,17 @@ def _check_inputs(
         )
     if residual is not None and tuple(residual.shape) != (T, N):
         raise ValueError(f"fused_adapter: residual shape {tuple(residual.shape)}, want ({T}, {N})")
-    for t in (D, b_D, C, q, alpha, U, b_U, *(() if residual is None else (residual,))):
-        if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError("fused_adapter (triton): all tensors must share x's dtype and device")
+    for t in (D, b_D, C, q, alpha, U, b_U):
+        if t.dtype not in (*_TL_DTYPE, torch.float64) or t.device != x.device:
+            raise TypeError("fused_adapter (triton): parameters must be float on x's device")
+    if residual is not None and (residual.dtype != x.dtype or residual.device != x.device):
+        raise TypeError("fused_adapter (triton): residual must share x's dtype and device")
     return T, K, R, N, n
+
+
+def _in_dtype(dtype: torch.dtype, *ts: Tensor) -> list[Tensor]:
+    """Contiguous copies in `dtype` (the kernels read parameters in the activation dtype)."""
+    return [t.to(dtype).contiguous() for t in ts]
 
 
 def triton_forward(
@@ -138,7 +145,7 @@ def triton_forward(
 ) -> Tensor:
     """One launch of the forward kernel; x [T, K] -> out [T, N] in x.dtype."""
     T, K, R, N, n = _check_inputs(x, D, b_D, C, q, alpha, U, b_U, residual)
-    x, D, b_D, C, q, alpha, U, b_U = (t.contiguous() for t in (x, D, b_D, C, q, alpha, U, b_U))
+    x, D, b_D, C, q, alpha, U, b_U = _in_dtype(x.dtype, x, D, b_D, C, q, alpha, U, b_U)
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
@@ -199,7 +206,8 @@ def triton_backward(
 ) -> tuple[Tensor | None, ...]:
     """(dx, dD, db_D, dC, dq, dalpha, dU, db_U); deterministic (per-program partials, no atomics)."""
     T, K, R, N, n = _check_inputs(x, D, b_D, C, q, alpha, U, b_U, None)
-    x, D, b_D, C, q, alpha, U, g = (t.contiguous() for t in (x, D, b_D, C, q, alpha, U, grad))
+    param_dtypes = [t.dtype for t in (D, b_D, C, q, alpha, U, b_U)]
+    x, D, b_D, C, q, alpha, U, g = _in_dtype(x.dtype, x, D, b_D, C, q, alpha, U, grad)
     cfg = bwd_config(R)
     P = max(1, min(triton.cdiv(T, cfg.block_t), max_programs or default_max_programs(x.device)))
     shapes = [(K, R), (R,), (n, R, R), (n, R), (R, N), (N,)]  # dD, db_D, dC, dq, dU, db_U
@@ -237,9 +245,10 @@ def triton_backward(
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-    dD, db_D, dC, dq, dU, db_U = (p.sum(0).to(x.dtype) for p in parts)
-    dalpha = (dalpha.sum(0) if alpha.dim() == 1 else dalpha).to(alpha.dtype)
-    return dx, dD, db_D, dC, dq, dalpha, dU, db_U
+    dD, db_D, dC, dq, dU, db_U = (p.sum(0) for p in parts)  # fp32 partials, fp32 sums
+    dalpha = dalpha.sum(0) if alpha.dim() == 1 else dalpha
+    grads = (dD, db_D, dC, dq, dalpha, dU, db_U)
+    return dx, *(gr.to(dt) for gr, dt in zip(grads, param_dtypes))
 
 
 class TritonFusedAdapter(torch.autograd.Function):

@@ -117,6 +117,24 @@ def test_parameters_cast_to_activation_dtype(monkeypatch: pytest.MonkeyPatch) ->
     assert ts[1].grad is not None and ts[1].grad.dtype == torch.float32  # through the cast
 
 
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_fp32_parameters_get_fp32_gradients(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 activations beside fp32 master weights: gradients are fp32, never rounded to bf16."""
+    monkeypatch.setenv(KERNEL_ENV, path)
+    inp = make_inputs(Case(40, 24, 8, 3, False, True, torch.bfloat16))
+    x = inp["x"].bfloat16().requires_grad_()
+    params = [inp[k].float().requires_grad_() for k in PARAMS[1:]]
+    out = fused_adapter(x, *params, SCALE, inp["residual"].bfloat16())
+    assert out.dtype == torch.bfloat16
+    out.backward(inp["grad"].bfloat16())
+    assert x.grad.dtype == torch.bfloat16
+    for name, p in zip(PARAMS[1:], params):
+        assert p.grad.dtype == torch.float32, name
+        # a gradient rounded through bf16 is bf16-representable; an fp32 sum of T=40 products
+        # is not (chance 2**-16 per element, and every tensor here has >= 3 elements)
+        assert not torch.equal(p.grad, p.grad.bfloat16().float()), f"d{name} rounded to bf16"
+
+
 def test_residual_dtype_mismatch_raises() -> None:
     ts = _tensors(Case(4, 16, 4, 2, False, True, torch.float32), torch.float32, grad=False)
     with pytest.raises(TypeError, match="residual dtype"):

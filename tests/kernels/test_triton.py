@@ -47,7 +47,7 @@ def test_rank_bucket_pads_to_at_least_16(r: int, bucket: int) -> None:
         ({"r": 129}, ValueError, "rank 129"),
         ({"n": 9}, ValueError, "9 branches"),
         ({"alpha": (4, 2)}, ValueError, "alpha shape"),
-        ({"dtype_of": "U"}, TypeError, "share x's dtype"),
+        ({"dtype_of": "U"}, TypeError, "parameters must be float"),
         ({"U_shape": (8, 7)}, ValueError, "U has shape"),
     ],
 )
@@ -61,7 +61,7 @@ def test_launcher_rejects_bad_shapes(change: dict, error: type, match: str) -> N
     ]
     a += [torch.zeros(N)]
     if "dtype_of" in change:
-        a[PARAMS.index(change["dtype_of"])] = a[PARAMS.index(change["dtype_of"])].double()
+        a[PARAMS.index(change["dtype_of"])] = a[PARAMS.index(change["dtype_of"])].long()
     with pytest.raises(error, match=match):
         triton_forward(*a, SCALE)
 
