@@ -3,7 +3,7 @@
 `NodeRuntime` is our `ClientRuntime` (the same backbone, adapter, strategy hooks, trainer and
 state directory); only the transport differs: the server's tensors arrive in a message and
 the update leaves in the reply. What the node keeps between rounds stays in its state dir
-(private branch, strategy extras, int8 residuals, bytes sent), so a node whose process is
+(private branch, strategy extras, int8 residuals, bytes sent, its RNG stream), so a node whose process is
 new for every message (Flower's deployment engine) or whose run restarts continues exactly.
 
 Error feedback: the node cannot know whether its reply made the round (it may arrive after the
@@ -33,6 +33,7 @@ from edgetune.protocol import (
 log = logging.getLogger(__name__)
 
 PENDING_FEEDBACK = "error_feedback.pending.safetensors"
+RNG_FILE = "rng.safetensors"  # the client's global RNG stream between rounds
 TensorDict = dict[str, torch.Tensor]
 
 
@@ -40,8 +41,11 @@ class NodeRuntime(ClientRuntime):
     """One client of a run on a Flower node; ``name`` is its report name (``c<index>``)."""
 
     def __init__(self, config: Any, name: str) -> None:
+        torch.manual_seed(config.train.seed)  # as `edgetune client` seeds before its runtime
         super().__init__(config)
         self.name = name
+        saved = self.files.read_tensors(RNG_FILE)
+        self.rng = saved["cpu"] if saved else torch.get_rng_state()
 
     def describe(self) -> dict[str, Any]:
         """What the query round learns about this node: name, family, spec and tier."""
@@ -64,7 +68,7 @@ class NodeRuntime(ClientRuntime):
             self.state["family_version_loaded"] = fam_version
         if glob:
             self.handle.load_group(GROUP_GLOBAL, glob)
-        metrics = self._train_and_evaluate(round_id)
+        metrics = self._train_in_own_stream(round_id)
         tensors, meta = self._encode(round_id, glob, metrics)
         up = sum(t.numel() * t.element_size() for t in tensors.values())
         self.state["last_round"] = round_id
@@ -73,6 +77,15 @@ class NodeRuntime(ClientRuntime):
         self._save_state()
         self._log_round(round_id, metrics, up, down)
         return tensors, meta.to_metadata(), metrics
+
+    def _train_in_own_stream(self, round_id: int) -> dict[str, float]:
+        """Train with this client's own global RNG stream (dropout draws from it): one process
+        serves many virtual clients, and an HTTP client process has the stream to itself."""
+        torch.set_rng_state(self.rng)
+        metrics = self._train_and_evaluate(round_id)
+        self.rng = torch.get_rng_state()
+        self.files.write_tensors(RNG_FILE, {"cpu": self.rng})
+        return metrics
 
     def _family_current(self, version: int) -> bool:
         """With a family period > 1, a family model we already loaded is not loaded again (we
