@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -182,7 +183,7 @@ class EdgeTuneStrategy(Strategy):
             if node is None:
                 continue  # a reply to an instruction of another round
             if reply.has_error():
-                failed.append((node.name, f"error reply: {reply.error.reason[:300]}"))
+                failed.append((node.name, f"error reply: {error_reason(reply.error.reason)}"))
                 continue
             try:
                 decoded.append(self._decode(rnd, node, reply))
@@ -339,10 +340,27 @@ class EdgeTuneStrategy(Strategy):
         for reply in self.exchange(grid, asks, timeout):
             node = self.nodes[self.sent[reply.metadata.reply_to_message_id]]
             if reply.has_error():
-                log.warning("%s: no final result: %s", node.name, reply.error.reason[:300])
+                log.warning("%s: no final result: %s", node.name, error_reason(reply.error.reason))
                 continue
             self.results[node.name] = dict(reply.content[cv.RESULT])
         return self.results
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^\w*(?:Error|Exception)\b.*?: .+$", re.MULTILINE)
+
+
+def error_reason(text: str, limit: int = 300) -> str:
+    """The line of an error reply that says what went wrong: Flower's Ray backend sends a
+    whole traceback; its last ``SomeError: message`` line is kept (colour codes removed)."""
+    plain = _ANSI.sub("", text or "")
+    marker = "Exception ClientAppException occurred. Message:"
+    if marker in plain:
+        return plain.rsplit(marker, 1)[1].strip().splitlines()[0][:limit]
+    raised = _RAISED.findall(plain)
+    return (raised[-1] if raised else plain.strip().splitlines()[-1] if plain.strip() else "?")[
+        :limit
+    ]
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll_s: float) -> list[int]:
