@@ -74,6 +74,7 @@ build-backend = "hatchling.build"
 [project]
 name = "edgetune-flower-app"
 version = "1.0.0"
+description = "EdgeTune's strategies and client runtime on Flower"
 license = "Apache-2.0"
 dependencies = ["edgetune[flower]"]
 
