@@ -64,6 +64,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~100 s: every message starts a fresh ClientApp process (torch import)
 def test_a_superlink_and_two_supernodes_run_two_rounds(tmp_path):
     config = _two_family_config(tmp_path)
     out, app = tmp_path / "out", tmp_path / "app"

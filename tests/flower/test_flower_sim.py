@@ -34,7 +34,9 @@ def _server_models(state_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fedadapter", "fedavg-lora"])
+@pytest.mark.parametrize(
+    "strategy", ["fedadapter", pytest.param("fedavg-lora", marks=pytest.mark.heavy)]
+)
 def test_one_round_on_flower_aggregates_what_our_server_aggregates(tmp_path, strategy):
     """Same config, seed and clients: our server's round-1 models and the Flower strategy's
     round-1 checkpoint hold the same tensors (FedAdapter: two families and the global branch
