@@ -238,10 +238,9 @@ class ClientRuntime:
 
     def _train_and_evaluate(self, round_id: int) -> dict[str, float]:
         before = evaluate(self.task, self.holdout) if len(self.holdout) else None
-        params = self.handle.trainable_parameters()
         train = self.config.train
         result = train_local(
-            self.task, params, self.train_data, train, round_id, f"round {round_id}"
+            self.task, self._param_groups(), self.train_data, train, round_id, f"round {round_id}"
         )
         after = evaluate(self.task, self.holdout) if len(self.holdout) else None
         metrics = {
@@ -256,6 +255,18 @@ class ClientRuntime:
             metrics.update(received_local_acc=before.accuracy, personal_acc=after.accuracy)
         log.info("round %d: %s", round_id, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """The trainable tensors; the head in its own group when ``train.head_lr`` is set."""
+        params = self.handle.trainable_parameters()
+        head_lr = self.config.train.head_lr
+        if not head_lr or self.handle.head is None:
+            return [{"params": params}]
+        head = {id(p) for p in self.handle.head.parameters()}
+        return [
+            {"params": [p for p in params if id(p) not in head]},
+            {"params": [p for p in params if id(p) in head], "lr": head_lr},
+        ]
 
     def _finish(self) -> dict[str, Any]:
         final: dict[str, Any] = {

@@ -74,18 +74,37 @@ class EncodedSplit:
         return features, self.labels[index]
 
 
+def label_prior_shift(labels: Tensor, n_classes: int) -> Tensor:
+    """log of the client's own label prior: [n_classes], -inf for classes it does not hold.
+
+    The balanced loss trains ``softmax(logits + shift)``; at inference the raw logits are
+    used, which estimates the classifier of a uniform label prior (logit adjustment, Menon
+    et al. 2021). A class the client does not hold leaves the softmax (FedRS's restricted
+    softmax at 0): its logit gets no gradient at all. A merely small shift would not do:
+    AdamW normalises a consistently signed gradient, however small, to full-size steps, and
+    every client would still push down the classes it lacks, which is what makes averaged
+    heads degrade under label skew.
+    """
+    counts = torch.bincount(labels, minlength=n_classes).to(torch.float32)
+    return torch.log(counts / counts.sum())
+
+
 def train_local(
     model: nn.Module,
-    params: list[nn.Parameter],
+    params: list[nn.Parameter] | list[dict],
     data: EncodedSplit,
     config: TrainConfig,
     round_id: int = 0,
     desc: str = "train",
 ) -> TrainResult:
-    """E epochs of AdamW over `params` (a fresh optimiser each round, as in FedAvg)."""
+    """E epochs of AdamW over `params` (a fresh optimiser each round, as in FedAvg).
+
+    `params` is a list of tensors or of torch parameter groups (e.g. the head at its own lr).
+    """
     if len(data) == 0:
         raise ConfigError("cannot train on an empty split")
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    shift: Tensor | None = None
     generator = torch.Generator().manual_seed(config.seed * 100_003 + round_id)
     model.train()
     steps = samples = 0
@@ -95,7 +114,12 @@ def train_local(
         for _ in range(config.epochs):
             for index in torch.randperm(len(data), generator=generator).split(config.batch_size):
                 features, labels = data.batch(index)
-                loss = nn.functional.cross_entropy(model(**features), labels)
+                logits = model(**features)
+                if config.loss == "balanced":
+                    if shift is None:
+                        shift = label_prior_shift(data.labels, logits.shape[-1])
+                    logits = logits + shift.to(logits.dtype)
+                loss = nn.functional.cross_entropy(logits, labels)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()

@@ -37,6 +37,8 @@ DOCS = {
     "train.max_length": "token truncation",
     "train.time_budget_s": "stop local training after this many seconds, 0 = none",
     "train.seed": "shuffling seed (simulate: seed * 1000 + client index)",
+    "train.loss": "ce, or balanced: logits shifted by the client's label prior",
+    "train.head_lr": "learning rate of the head, 0 = train.lr",
     "comm.family_every": "FedAdapter: family bundle every P rounds, global every round",
     "comm.compression": "none or int8 (per-tensor scale + error feedback)",
     "server.host": "bind address",
@@ -80,6 +82,7 @@ DOCS = {
     "[[group]].quant": "none, int8, nf4 or fp4",
     "[[group]].count": "clients in this tier",
     "[[group]].rank": "per-tier rank, 0 = the run's",
+    "[[group]].also": "backbones these devices also train on their data",
 }
 
 

@@ -76,9 +76,24 @@ class RunConfig:
         return get_strategy(self.strategy)
 
     @property
-    def num_clients(self) -> int:
-        """Clients the ``[[group]]`` tables declare."""
+    def num_devices(self) -> int:
+        """Devices the ``[[group]]`` tables declare: one data shard each."""
         return sum(g.count for g in self.groups)
+
+    @property
+    def num_clients(self) -> int:
+        """Clients the ``[[group]]`` tables declare: one per device and backbone it trains."""
+        return sum(g.count * len(g.backbones) for g in self.groups)
+
+    def client_slots(self) -> list[tuple[int, ClientGroup, str]]:
+        """(device, group, backbone) of every client in order: group by group, device by
+        device, a device's own backbone before its ``also`` ones."""
+        slots, device = [], 0
+        for group in self.groups:
+            for _ in range(group.count):
+                slots += [(device, group, backbone) for backbone in group.backbones]
+                device += 1
+        return slots
 
     @property
     def quorum(self) -> int:

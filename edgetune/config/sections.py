@@ -171,6 +171,11 @@ class LoraConfig:
         check_number("lora.dropout", self.dropout, 0.0, 0.999)
 
 
+#: Local training losses: plain cross-entropy, or the logit-adjusted ("balanced") loss of
+#: Menon et al. 2021 with each client's own label prior (FedLC-style under label skew).
+TRAIN_LOSSES = ("ce", "balanced")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
@@ -180,9 +185,13 @@ class TrainConfig:
     max_length: int = 64
     time_budget_s: float = 0.0  # 0: no budget
     seed: int = 0
+    loss: str = "balanced"  # ce | balanced (logits shifted by the client's own label prior)
+    head_lr: float = 0.0  # 0: the same as lr
 
     def __post_init__(self) -> None:
         check_int("train.epochs", self.epochs, 1, 10_000)
+        check(self.loss in TRAIN_LOSSES, "train.loss", self.loss, f"one of {TRAIN_LOSSES}")
+        check_number("train.head_lr", self.head_lr, 0.0)
         check_int("train.batch_size", self.batch_size, 1, 1 << 20)
         check_int("train.max_length", self.max_length, 1, 1 << 20)
         check_number("train.lr", self.lr, 0.0, open_low=True)
@@ -315,10 +324,23 @@ class ClientGroup:
     quant: str = "none"
     count: int = 1
     rank: int = 0  # 0: the run's adapter/LoRA rank; HetLoRA tiers set their own
+    # Backbones of other families these devices can also afford: each device trains one more
+    # client of each on its own data (same shard, same quant), so a family learns from the
+    # data of every device able to run it, not only of the devices that run nothing bigger.
+    also: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_tier("group", self.backbone, self.quant, self.rank)
         check_int("group.count", self.count, 1, 64)
+        for backbone in self.also:
+            check(bool(backbone), "group.also", self.also, "entries must name backbones")
+        repeated = len(set(self.also)) < len(self.also) or self.backbone in self.also
+        check(not repeated, "group.also", self.also, "must not repeat a backbone")
+
+    @property
+    def backbones(self) -> tuple[str, ...]:
+        """What each device of the group trains: its own backbone first, then ``also``."""
+        return (self.backbone, *self.also)
 
     @property
     def tier(self) -> str:

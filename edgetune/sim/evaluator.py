@@ -151,7 +151,8 @@ def evaluation_plan(config: RunConfig) -> dict[str, tuple[str, int]]:
     families: dict[str, list[tuple[str, int]]] = {}
     for group in config.groups:
         rank = config.client_rank(group.rank)
-        families.setdefault(family_of(group.backbone), []).append((group.backbone, rank))
+        for backbone in group.backbones:
+            families.setdefault(family_of(backbone), []).append((backbone, rank))
     check_ranks(config, families)
     return {f: (ms[0][0], max(rank for _, rank in ms)) for f, ms in families.items()}
 

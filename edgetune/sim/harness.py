@@ -44,30 +44,29 @@ def free_port() -> int:
 def client_configs(
     config: RunConfig, out: Path, url: str, shards: ShardPlan | None = None
 ) -> list[RunConfig]:
-    """One run config per simulated client, in group order: the run's, with ``[client]``
-    filled from its ``[[group]]`` and its shard, and its own shuffling seed.
+    """One run config per simulated client, in `RunConfig.client_slots` order: the run's,
+    with ``[client]`` filled from its ``[[group]]`` and its device's shard, and its own
+    shuffling seed (a device's ``also`` clients train on the same shard).
 
-    ``shards`` (default: client i holds shard i of ``num_clients``) lets a run of some of the
-    groups give its clients the shards they hold in the whole run (the `isolated` reference).
+    ``shards`` (default: device i holds shard i of ``num_devices``) lets a run of some of the
+    groups give its devices the shards they hold in the whole run (the `isolated` reference).
     """
-    ids, total = shards or (list(range(config.num_clients)), config.num_clients)
-    configs, index = [], 0
-    for group in config.groups:
-        for _ in range(group.count):
-            shard = ids[index]
-            client = ClientConfig(
-                url=url,
-                state_dir=str(out / "clients" / f"c{index}"),
-                backbone=group.backbone,
-                quant=group.quant,
-                rank=group.rank,
-                shard=shard,
-                shards=total,
-                max_rounds=config.rounds,
-            )
-            train = dataclasses.replace(config.train, seed=config.seed * 1000 + shard)
-            configs.append(dataclasses.replace(config, client=client, train=train))
-            index += 1
+    ids, total = shards or (list(range(config.num_devices)), config.num_devices)
+    configs = []
+    for index, (device, group, backbone) in enumerate(config.client_slots()):
+        shard = ids[device]
+        client = ClientConfig(
+            url=url,
+            state_dir=str(out / "clients" / f"c{index}"),
+            backbone=backbone,
+            quant=group.quant,
+            rank=group.rank,
+            shard=shard,
+            shards=total,
+            max_rounds=config.rounds,
+        )
+        train = dataclasses.replace(config.train, seed=config.seed * 1000 + shard)
+        configs.append(dataclasses.replace(config, client=client, train=train))
     return configs
 
 

@@ -117,7 +117,7 @@ def centralized(config: RunConfig, family: str, backbone_name: str, out: Path) -
 def homogeneous(config: RunConfig, family: str, backbone_name: str, out: Path) -> dict[str, Any]:
     """The same federation (clients, shards, budget) with every client on this family."""
     groups = tuple(
-        dataclasses.replace(g, backbone=backbone_name, quant="none") for g in config.groups
+        dataclasses.replace(g, backbone=backbone_name, quant="none", also=()) for g in config.groups
     )
     run = dataclasses.replace(config, strategy=FEDERATED_BASE, groups=groups)
     return _federated_row(run, family, out / f"homogeneous-{family}")
@@ -130,7 +130,7 @@ def isolated(config: RunConfig, family: str, backbone_name: str, out: Path) -> d
     index = 0
     for group in config.groups:
         if family_of(group.backbone) == family:
-            groups.append(group)
+            groups.append(dataclasses.replace(group, also=()))
             shard_ids += list(range(index, index + group.count))
         index += group.count
     server = dataclasses.replace(config.server, min_clients=0)

@@ -1,0 +1,119 @@
+"""The learning recipe's pieces: the balanced loss, the head's own learning rate, and devices
+that train more than one family (``[[group]].also``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from edgetune.client.trainer import label_prior_shift, train_local
+from edgetune.config import ClientGroup, RunConfig, TrainConfig, load_config
+from edgetune.errors import ConfigError
+from edgetune.sim.evaluator import evaluation_plan, family_of
+from edgetune.sim.harness import client_configs
+
+TINY = Path(__file__).parents[1] / "data" / "tiny_sim.toml"
+
+
+def test_label_prior_shift_is_the_log_prior_and_drops_absent_classes():
+    shift = label_prior_shift(torch.tensor([0, 0, 0, 2]), 3)
+    assert torch.allclose(shift[[0, 2]], torch.log(torch.tensor([3 / 4, 1 / 4])))
+    assert shift[1] == -math.inf
+
+
+class _Features:
+    """An already-encoded split: fixed feature vectors and labels (what `EncodedSplit` holds
+    for a text or image data set, here without a backbone in front)."""
+
+    def __init__(self, x: Tensor, labels: Tensor) -> None:
+        self.x, self.labels = x, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        return {"x": self.x[index]}, self.labels[index]
+
+
+class _Linear(nn.Module):
+    def __init__(self, d: int, k: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(d, k)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x)
+
+
+def _train(loss: str) -> nn.Module:
+    """A linear classifier on 3 well-separated classes, class 2 absent from the client."""
+    torch.manual_seed(0)
+    centers = torch.eye(3) * 4
+    labels = torch.tensor([0, 1] * 40)
+    x = centers[labels] + 0.3 * torch.randn(80, 3)
+    model = _Linear(3, 3)
+    config = TrainConfig(epochs=5, batch_size=8, lr=0.05, loss=loss)
+    train_local(model, list(model.parameters()), _Features(x, labels), config)
+    return model
+
+
+def test_the_balanced_loss_does_not_push_down_a_class_the_client_never_sees():
+    """With plain CE the absent class's row is pushed down (AdamW turns its small, always
+    positive gradient into full steps); the balanced loss leaves it untouched, so an averaged
+    head can still learn the class from the clients that hold it."""
+    ce, balanced = _train("ce"), _train("balanced")
+    assert ce.head.bias[2] < -0.5 and ce.head.weight[2].abs().max() > 0.5
+    assert balanced.head.bias[2] == 0 and not balanced.head.weight[2].any()
+    # Both still separate the classes the client has.
+    for model in (ce, balanced):
+        out = model(torch.eye(3)[:2] * 4)
+        assert out.argmax(-1).tolist() == [0, 1]
+
+
+def test_train_loss_and_head_lr_are_checked_by_name():
+    with pytest.raises(ConfigError, match=r"train.loss='focal'"):
+        TrainConfig(loss="focal")
+    with pytest.raises(ConfigError, match=r"train.head_lr=-1"):
+        TrainConfig(head_lr=-1.0)
+
+
+def test_group_also_rejects_repeats_of_the_own_backbone():
+    with pytest.raises(ConfigError, match=r"group\.also"):
+        ClientGroup(backbone="tiny-bert-d32-l2", also=("tiny-bert-d32-l2",))
+    with pytest.raises(ConfigError, match=r"group\.also"):
+        ClientGroup(backbone="tiny-bert-d32-l2", also=("x", "x"))
+
+
+def _with_also() -> RunConfig:
+    also = '{backbone="tiny-bert-d32-l2", count=2, also=["tiny-bert-d48-l3"]}'
+    one = '{backbone="tiny-bert-d48-l3", count=1}'
+    return load_config(TINY, [f"group=[{also}, {one}]"])
+
+
+def test_a_device_of_a_group_with_also_trains_each_backbone_on_its_own_shard(tmp_path):
+    config = _with_also()
+    assert (config.num_devices, config.num_clients, config.quorum) == (3, 5, 5)
+    clients = [c.client for c in client_configs(config, tmp_path, "http://127.0.0.1:9")]
+    got = [(c.backbone, c.shard, c.shards) for c in clients]
+    assert got == [
+        ("tiny-bert-d32-l2", 0, 3),
+        ("tiny-bert-d48-l3", 0, 3),
+        ("tiny-bert-d32-l2", 1, 3),
+        ("tiny-bert-d48-l3", 1, 3),
+        ("tiny-bert-d48-l3", 2, 3),
+    ]
+    assert len({c.state_dir for c in clients}) == 5  # every client keeps its own state
+    seeds = [c.train.seed for c in client_configs(config, tmp_path, "http://127.0.0.1:9")]
+    assert seeds[0] == seeds[1] != seeds[2]  # the seed follows the shard
+
+
+def test_the_evaluation_plan_covers_families_reached_only_through_also():
+    also = '{backbone="tiny-bert-d32-l2", count=1, also=["tiny-bert-d48-l3"]}'
+    config = load_config(TINY, [f"group=[{also}]"])
+    families = set(evaluation_plan(config))
+    assert families == {family_of("tiny-bert-d32-l2"), family_of("tiny-bert-d48-l3")}
