@@ -13,6 +13,7 @@ sampled every 0.25 s, are written to ``bench/results/flower_scale.json`` with th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -26,8 +27,6 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import contextlib
-
 from benchinfo import ROOT, machine_info
 
 from edgetune.config import load_config

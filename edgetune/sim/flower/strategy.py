@@ -137,7 +137,7 @@ class EdgeTuneStrategy(Strategy):
         replies = list(replies)
         updates, failed = self._decode_replies(server_round, replies)
         answered = {self.sent.get(r.metadata.reply_to_message_id) for r in replies}
-        failed += [(n.name, "no reply before the round's deadline")
+        failed += [(n.name, "no reply before the round closed (quorum or deadline)")
                    for nid, n in self.nodes.items() if nid not in answered]  # fmt: skip
         for name, reason in failed:
             log.warning("round %d: skipping %s: %s", server_round, name, reason)
