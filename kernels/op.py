@@ -80,6 +80,13 @@ def _forward_impl(path: str) -> Callable[..., Tensor]:
     return torch_forward if path == "torch" else reference_fp64
 
 
+def _forward_saving_impl(path: str) -> Callable[..., tuple[Tensor, tuple[Tensor, ...]]] | None:
+    """Forward that also returns rank-sized tensors for its backward (`saved=`), or None."""
+    if path == "triton":
+        return _triton_module().triton_forward_saving
+    return torch_forward_saving if path == "torch" else None
+
+
 def _backward_impl(path: str) -> Callable[..., tuple[Tensor | None, ...]]:
     if path == "triton":
         return _triton_module().triton_backward
@@ -193,9 +200,9 @@ def eager_forward(
 class EagerFusedAdapter(torch.autograd.Function):
     """autograd.Function over the dispatched implementations (see eager_fast_path_ok).
 
-    On the torch path it also saves h = x @ D + b_D and [gelu(h) | 1] (two [T, r] tensors, each
-    r/d_in of x) so the backward skips one of its five skinny GEMMs and the GELU; the other
-    paths save only inputs and parameters.
+    The torch path also saves h = x @ D + b_D and [gelu(h) | 1] (two [T, r] tensors, each r/d_in
+    of x) so its backward skips one of five skinny GEMMs and the GELU; the Triton path saves h
+    (fp32) so its backward never re-reads x for it; the reference path saves only inputs.
     """
 
     @staticmethod
@@ -204,21 +211,22 @@ class EagerFusedAdapter(torch.autograd.Function):
         ctx.scale = scale
         ctx.has_residual = residual is not None
         args = (x, D, b_D, C, q, alpha, U, b_U)
-        if ctx.path == "torch":
-            out, (h, z1) = torch_forward_saving(*args, scale, residual)
-            ctx.save_for_backward(*args, h, z1)
-            return out
-        ctx.save_for_backward(*args)
-        return _forward_impl(ctx.path)(*args, scale, residual)
+        saving = _forward_saving_impl(ctx.path)
+        if saving is None:
+            ctx.save_for_backward(*args)
+            return _forward_impl(ctx.path)(*args, scale, residual)
+        out, extra = saving(*args, scale, residual)
+        ctx.save_for_backward(*args, *extra)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         need_dx = bool(ctx.needs_input_grad[0])
-        saved = ctx.saved_tensors
-        extra = {"saved": saved[8:]} if len(saved) == 10 else {}
+        inputs, extra = ctx.saved_tensors[:8], ctx.saved_tensors[8:]
+        kwargs = {"saved": tuple(extra)} if extra else {}
         bwd = _backward_impl(ctx.path)
-        grads = bwd(grad, *saved[:8], ctx.scale, need_dx=need_dx, **extra)
+        grads = bwd(grad, *inputs, ctx.scale, need_dx=need_dx, **kwargs)
         return (*grads, None, grad if ctx.has_residual else None)
 
 
