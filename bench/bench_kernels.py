@@ -17,7 +17,13 @@ headline numbers are ratios of medians from this one run, of per-call CPU time (
 thread; see interleaved_medians), with wall-time medians and minima beside them. Peak memory of forward+backward is
 the peak RSS increase of one step in a fresh interpreter (VmHWM reset via /proc/self/clear_refs
 after a warm-up; MALLOC_MMAP_THRESHOLD_ pinned so freed tensors leave RSS at once).
-When CUDA is present the Triton kernel is timed too, with triton.testing.do_bench.
+When CUDA is present the Triton kernel is timed too, with triton.testing.do_bench, and its
+achieved bandwidth is reported against the traffic model's bytes.
+
+Traffic model (`--traffic`, no GPU needed; edgetune.kernels.traffic): bytes each Triton kernel
+reads and writes for a shape, computed from the launchers' own plans (grids, tiles, splits),
+beside the minimum (forward: x, residual, out; backward: x, g, dx), for the launch sizing of an
+H200 (132 SMs) and a Jetson AGX Orin (16 SMs).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(T, d) for d in (384, 768) for T in (512, 4096)]
 RANK, BRANCHES, SCALE = 32, 3, 0.5
 TARGETS = {"speedup_fwd": 1.5, "speedup_fwd_bwd": 1.5, "fused_over_bound_fwd": 1.3}
+TRAFFIC_SHAPES = [  # (T, d, r, branches, dtype)
+    *((4096, 4096, r, 3, torch.bfloat16) for r in (16, 32, 64, 128)),
+    (16384, 8192, 16, 3, torch.bfloat16),
+    (4096, 768, 16, 3, torch.float16),
+    (4096, 384, 32, 3, torch.float32),
+]
+GPU_PROGRAMS = {"H200 (132 SMs)": 4 * 132, "AGX Orin (16 SMs)": 4 * 16}  # 4 programs per SM
+TRAFFIC_TARGET = {"bwd_ratio": 1.5}  # at T = 4096, d = 4096, r = 16 (issue 18)
 
 
 class UnfusedAdapter(nn.Module):
@@ -227,21 +242,60 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def cuda_triton_times(T: int, d: int) -> dict[str, float] | None:
-    """Triton fwd / fwd+bwd in ms (do_bench) on CUDA; None on a CPU-only machine."""
+def cuda_triton_times(
+    T: int, d: int, r: int = RANK, dtype: torch.dtype = torch.float32
+) -> dict[str, float] | None:
+    """Triton fwd / bwd in ms (do_bench) and GB/s of the traffic model's bytes; None on CPU."""
     if not torch.cuda.is_available():
         return None
     from triton.testing import do_bench
 
-    from edgetune.kernels.triton_path import triton_backward, triton_forward
+    from edgetune.kernels.traffic import step_traffic
+    from edgetune.kernels.triton_path import triton_backward, triton_forward_saving
 
-    f = FusedAdapter(UnfusedAdapter(d, RANK, BRANCHES, SCALE)).cuda()
-    x, res, g = (torch.randn(T, d, device="cuda") for _ in range(3))
+    f = FusedAdapter(UnfusedAdapter(d, r, BRANCHES, SCALE)).cuda()
+    x, res, g = (torch.randn(T, d, device="cuda", dtype=dtype) for _ in range(3))
     args = [p.detach() for p in (f.D, f.b_D, f.C, f.q)]
     args += [torch.softmax(f.alpha_logits.detach(), -1), f.U.detach(), f.b_U.detach()]
-    fwd = do_bench(lambda: triton_forward(x, *args, SCALE, res))
-    bwd = do_bench(lambda: triton_backward(g, x, *args, SCALE))
-    return {"triton_fwd_ms": fwd, "triton_fwd_bwd_ms": fwd + bwd}
+    saved = triton_forward_saving(x, *args, SCALE, res)[1]
+    fwd = do_bench(lambda: triton_forward_saving(x, *args, SCALE, res))
+    bwd = do_bench(lambda: triton_backward(g, x, *args, SCALE, saved=saved))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    model = step_traffic(T, d, r, BRANCHES, dtype, 4 * sms)
+    return {
+        "triton_fwd_ms": fwd,
+        "triton_bwd_ms": bwd,
+        "triton_fwd_bwd_ms": fwd + bwd,
+        "fwd_GBps_model_bytes": model["fwd_bytes"] / fwd / 1e6,
+        "bwd_GBps_model_bytes": model["bwd_bytes"] / bwd / 1e6,
+        "fwd_GBps_min_bytes": model["fwd_min"] / fwd / 1e6,
+        "bwd_GBps_min_bytes": model["bwd_min"] / bwd / 1e6,
+    }
+
+
+def traffic_table() -> list[dict[str, Any]]:
+    """The traffic model of a training step for every TRAFFIC_SHAPES entry and GPU sizing."""
+    from edgetune.kernels.traffic import step_traffic
+
+    rows = []
+    for (T, d, r, n, dt), (gpu, programs) in product(TRAFFIC_SHAPES, GPU_PROGRAMS.items()):
+        row = step_traffic(T, d, r, n, dt, programs)
+        cold = step_traffic(T, d, r, n, dt, programs, l2_bytes=0)  # no L2 reuse at all
+        row |= {
+            "gpu": gpu,
+            "fwd_ratio_no_l2": cold["fwd_ratio"],
+            "bwd_ratio_no_l2": cold["bwd_ratio"],
+        }
+        rows.append(row)
+        print(
+            f"traffic T={T} d={d} r={r} {row['dtype']} {gpu}: fwd {row['fwd_bytes'] / 1e6:.1f} MB"
+            f" ({row['fwd_ratio']:.2f}x min, {cold['fwd_ratio']:.2f}x without L2 reuse),"
+            f" bwd {row['bwd_bytes'] / 1e6:.1f} MB ({row['bwd_ratio']:.2f}x min,"
+            f" {cold['bwd_ratio']:.2f}x without L2 reuse), partials"
+            f" {row['partial_bytes'] / 1e6:.2f} MB",
+            flush=True,
+        )
+    return rows
 
 
 def run_table(repeats: int, block_s: float) -> list[dict[str, Any]]:
@@ -299,7 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=11, help="interleaved repeats (more on a busy box)"
     )
     p.add_argument("--out", default=str(ROOT / "bench/results/kernels.json"))
+    p.add_argument("--traffic", action="store_true", help="only the traffic model (no timing)")
     args = p.parse_args(argv)
+    if args.traffic:
+        rows = traffic_table()
+        out = Path(args.out).with_name("kernels_traffic.json")
+        out.write_text(json.dumps({"benchmark": "kernels_traffic", "machine": machine(),
+                                   "target": TRAFFIC_TARGET, "rows": rows}, indent=1))  # fmt: skip
+        print(f"wrote {out}")
+        return 0
     torch.set_num_threads(args.threads)
     repeats, block_s = (2, 0.01) if args.quick else (args.repeats, 0.05)
     started = time.time()

@@ -14,7 +14,7 @@ Must run with TRITON_INTERPRET unset (under the interpreter `@triton.jit` yields
 functions that cannot be lowered), so tests call it in a subprocess:
 
     python -m edgetune.kernels.aot [--caps 87 89 90] [--ranks 16 32 64 128] [--all-variants]
-                                   [--json out.json] [--markdown] [--workers 2]
+                                   [--json out.json] [--markdown] [--summary] [--workers 2]
 
 Default variants: those of a training step through the eager autograd path (forward saving
 h, with residual; backward from saved h, per-layer alpha, dx needed); --all-variants adds
@@ -182,6 +182,21 @@ def markdown_table(results: list[AotResult]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(results: list[AotResult]) -> str:
+    """Per kernel and R_PAD, the worst over dtypes and flags: registers / spill B / shared KB."""
+    caps = sorted({r.cap for r in results})
+    head = ["kernel", "R_PAD", *(f"sm_{c} regs/spill B/shared KB" for c in caps)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for kernel, rp in sorted({(r.kernel, r.r_pad) for r in results}):
+        row = [kernel, str(rp)]
+        for c in caps:
+            rs = [r for r in results if (r.kernel, r.r_pad, r.cap) == (kernel, rp, c)]
+            regs, spill = max(r.registers for r in rs), max(r.stack + r.local for r in rs)
+            row.append(f"{regs}/{spill}/{max(r.shared for r in rs) / 1024:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def _meta() -> dict[str, object]:
     """Versions and commit for the JSON record (no GPU is involved in AOT compilation)."""
     import platform
@@ -208,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all-variants", action="store_true", help="every path, not training")
     parser.add_argument("--json", help="write the results as JSON to this file")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--summary", action="store_true", help="worst case per kernel and rank")
     parser.add_argument("--workers", type=int, default=1, help="compile in this many processes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -220,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"meta": _meta(), "results": [asdict(r) for r in results]}, f, indent=1)
     if args.markdown:
         print(markdown_table(results))
+    if args.summary:
+        print(summary_table(results))
     for r in results:
         if r.stack or r.local:
             print(f"spills (stack/local bytes): {r}", file=sys.stderr)
