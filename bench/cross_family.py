@@ -1,0 +1,213 @@
+"""Cross-family learning quality: the federated result beside its reference rows, and the
+ablation of the mechanisms that carry knowledge across model families (issue 13).
+
+    python bench/cross_family.py                       # every setting, 3 seeds (hours)
+    python bench/cross_family.py --settings demo --seeds 0 --rows fedadapter probe
+    python bench/cross_family.py --ablation --seeds 0  # the mechanism ablation on the demo
+    python bench/cross_family.py --reuse               # rebuild the tables from finished runs
+
+Each cell is one `edgetune simulate` run in a subprocess (same TOML, seed and split for every
+row of a setting): ``fedadapter`` is the heterogeneous federation as configured, and the
+reference strategies ``probe``, ``centralized``, ``homogeneous`` and ``isolated`` score each
+family on the same evaluation subset. Accuracy is the global model's test accuracy per family
+(mean over seeds, with the spread); "worst client" is the lowest personal test accuracy of any
+client in the heterogeneous runs. Writes bench/results/cross_family.{json,md}.
+
+Settings: the embedded demo (6 topics, alpha 0.5); a second category set at alpha 0.3; the demo
+topics at alpha 0.1. Ablation variants switch one mechanism off (or on) against the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchinfo import machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DEMO = ROOT / "edgetune" / "configs" / "demo.toml"
+SECOND = '["art", "work", "literature", "linux", "songs-poems", "men-women"]'
+
+#: setting -> the --set overrides on top of the demo config.
+SETTINGS: dict[str, list[str]] = {
+    "demo": [],
+    "second-a0.3": [f"data.categories={SECOND}", "data.alpha=0.3"],
+    "demo-a0.1": ["data.alpha=0.1"],
+}
+ROWS = ["fedadapter", "probe", "centralized", "homogeneous", "isolated"]
+#: ablation variant -> overrides on top of the demo recipe (what each switches).
+ABLATION: dict[str, list[str]] = {
+    "recipe": [],
+    "no balanced loss (train.loss=ce)": ["train.loss=ce"],
+    "no devices training a 2nd family (group.also=[])": ["@no-also"],
+    "global branch frozen (server.eta=1e-6)": ["server.eta=0.000001"],
+    "beta=1 (families weighted by samples)": ["server.beta=1.0"],
+    "conflict projection on": ["server.project_conflicts=true"],
+}
+
+
+def _groups_without_also(config: Path) -> list[str]:
+    """The --set override that drops every group's ``also`` list."""
+    sys.path.insert(0, str(ROOT))
+    from edgetune.config import load_config
+
+    groups = load_config(config).groups
+    tables = [
+        f'{{backbone="{g.backbone}", quant="{g.quant}", count={g.count}, rank={g.rank}}}'
+        for g in groups
+    ]
+    return [f"group=[{', '.join(tables)}]"]
+
+
+def expand(sets: list[str], config: Path) -> list[str]:
+    out: list[str] = []
+    for s in sets:
+        out += _groups_without_also(config) if s == "@no-also" else [s]
+    return out
+
+
+def run_cell(name: str, sets: list[str], out: Path, reuse: bool) -> dict[str, Any]:
+    """One simulate run (skipped when ``reuse`` and its summary exists); its summary."""
+    folder = out / "runs" / name
+    summary = folder / "summary.json"
+    if not (reuse and summary.is_file()):
+        cmd = [sys.executable, "-m", "edgetune.cli", "simulate", "--config", str(DEMO)]
+        cmd += ["--out", str(folder), "--overwrite"] + [a for s in sets for a in ("--set", s)]
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        with (out / "runs" / f"{name}.log").open("w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if proc.returncode != 0 or not summary.is_file():
+            raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {log.name}")
+        print(f"{name}: {time.perf_counter() - started:.0f}s", flush=True)
+    data = json.loads(summary.read_text())
+    personal = [c["personal_test_acc"] for c in data["clients"] if "personal_test_acc" in c]
+    return {
+        "acc": data["final_global_acc"],
+        "worst_client": min(personal) if personal else None,
+        "wall_s": data.get("wall_time_s"),
+        "mb_up_per_client_round": data.get("mb_up_per_client_round"),
+        "command": "edgetune simulate " + " ".join(f"--set '{s}'" for s in sets),
+    }
+
+
+def mean_over_seeds(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    families = sorted({f for c in cells for f in c["acc"]})
+    acc = {f: [c["acc"][f] for c in cells if f in c["acc"]] for f in families}
+    worst = [c["worst_client"] for c in cells if c["worst_client"] is not None]
+    return {
+        "acc": {f: statistics.mean(v) for f, v in acc.items()},
+        "spread": {f: (min(v), max(v)) for f, v in acc.items()},
+        "worst_client": min(worst) if worst else None,
+        "seeds": len(cells),
+        "mb_up_per_client_round": cells[0].get("mb_up_per_client_round"),
+        "command": cells[0]["command"],
+    }
+
+
+def run_table(args: argparse.Namespace) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for setting in args.settings:
+        for row in args.rows:
+            cells = [
+                run_cell(
+                    f"{setting}/{row}/s{seed}",
+                    [*SETTINGS[setting], f"strategy={row}", f"seed={seed}"],
+                    args.out,
+                    args.reuse,
+                )
+                for seed in args.seeds
+            ]
+            table.setdefault(setting, {})[row] = mean_over_seeds(cells)
+    return table
+
+
+def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for index, (variant, sets) in enumerate(ABLATION.items()):
+        cells = [
+            run_cell(
+                f"ablation/v{index}/s{seed}",
+                [*expand(sets, DEMO), f"seed={seed}"],
+                args.out,
+                args.reuse,
+            )
+            for seed in args.seeds
+        ]
+        table[variant] = mean_over_seeds(cells)
+    return table
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def table_markdown(table: dict[str, Any]) -> list[str]:
+    lines = []
+    for setting, rows in table.items():
+        families = sorted({f for r in rows.values() for f in r["acc"]})
+        lines += ["", f"**{setting}** (mean of {next(iter(rows.values()))['seeds']} seeds)", ""]
+        lines += ["| row | " + " | ".join(families) + " | worst client |"]
+        lines += ["|---" * (len(families) + 2) + "|"]
+        for row, r in rows.items():
+            cells = [f"{_pct(r['acc'].get(f))}" for f in families]
+            lines += [f"| {row} | " + " | ".join(cells) + f" | {_pct(r['worst_client'])} |"]
+    return lines
+
+
+def acceptance(rows: dict[str, Any], alpha_01: bool) -> dict[str, dict[str, bool]]:
+    """Issue 13's acceptance points per family, from the mean rows of one setting."""
+    het, out = rows.get("fedadapter"), {}
+    if het is None:
+        return {}
+    for family, acc in het["acc"].items():
+        ref = {r: rows[r]["acc"].get(family) for r in ROWS[1:] if r in rows}
+        checks: dict[str, bool] = {}
+        if ref.get("probe") is not None:
+            margin = 0.03 if alpha_01 else 0.0
+            checks["fedadapter >= probe" + (" - 3" if alpha_01 else "")] = (
+                acc >= ref["probe"] - margin
+            )
+        if ref.get("homogeneous") is not None and not alpha_01:
+            checks["within 3 of homogeneous"] = acc >= ref["homogeneous"] - 0.03
+            if ref.get("isolated") is not None:
+                half_gap = (ref["homogeneous"] - ref["isolated"]) / 2
+                checks["beats isolated by half the gap"] = acc - ref["isolated"] >= half_gap
+        if ref.get("centralized") is not None and ref.get("probe") is not None:
+            checks["centralized >= probe + 2"] = ref["centralized"] >= ref["probe"] + 0.02
+        out[family] = checks
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--ablation", action="store_true", help="run the ablation instead")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "cross_family")
+    args = parser.parse_args()
+    name = "cross_family_ablation" if args.ablation else "cross_family"
+    table = run_ablation(args) if args.ablation else run_table(args)
+    result: dict[str, Any] = {"machine": machine_info(["edgetune", "kernels", "server"])}
+    result |= {"seeds": args.seeds, "table": {"ablation": table} if args.ablation else table}
+    if not args.ablation:
+        result["acceptance"] = {s: acceptance(r, s.endswith("a0.1")) for s, r in table.items()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    md = table_markdown(result["table"])
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
