@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edgetune.protocol import PROTOCOL_VERSION
 from edgetune.strategies.base import GLOBAL, family_model
 
+from .page import PAGE
 from .rounds import Coordinator
 from .status import client_view
 from .storage import ClientRecord
@@ -216,6 +217,11 @@ _REGISTER_BODY = {
 
 
 def _install_client_routes(app: FastAPI, coord: Coordinator) -> None:
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def status_page() -> HTMLResponse:
+        """The status page (``server/page.py``): it asks for a token and reads /v1/status."""
+        return HTMLResponse(PAGE, headers={"Cache-Control": "no-store"})
+
     @app.get("/v1/health", tags=["meta"])
     async def health() -> dict[str, Any]:
         """Liveness: no auth, no state access beyond the process."""

@@ -33,6 +33,7 @@ from edgetune.strategies.aggregation import ClientUpdate, TensorDict
 from edgetune.strategies.base import GLOBAL, Strategy, family_model
 
 from .blobs import sha256_hex
+from .final import write_finals
 from .registry import Registry, Txn, hash_token, log, log_event
 from .status import build_status
 from .storage import ClientRecord, MetricRow, RoundRecord, Storage, UpdateRecord
@@ -68,6 +69,7 @@ class Coordinator(Registry):
         self._blob_users: Counter[str] = Counter()
         self._bytes_out_pending = 0
         self._open_first_round()
+        write_finals(run, storage)  # a server killed before writing them catches up
         removed = storage.collect_garbage()
         if removed:
             log_event("orphan_blobs_removed", count=removed)
@@ -142,7 +144,7 @@ class Coordinator(Registry):
             "finished": self.finished(rec),
             "opened_at": rec.opened_at,
             "deadline": rec.deadline,
-            "seconds_left": max(0.0, rec.deadline - time.time()),
+            "seconds_left": 0.0 if self.finished(rec) else max(0.0, rec.deadline - time.time()),
             "min_clients": self.quorum,
             "received": self.storage.count_updates(rec.round_id),
             "config": self.strategy.configure_round(rec.round_id),
@@ -361,6 +363,7 @@ class Coordinator(Registry):
             self.storage.end_round(txn.conn, round_id, "closed", summary)
             txn.later("round_closed", round=round_id, **summary)
             self._maybe_open_next(txn, round_id)
+        write_finals(self.run, self.storage)  # <state>/final/<family>/, after every round
 
     def _specs_of(self, records: Sequence[UpdateRecord]) -> dict[str, AdapterSpec]:
         specs = self.storage.specs_of(r.client_id for r in records)

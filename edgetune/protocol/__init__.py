@@ -2,8 +2,9 @@
 
 Rooms: `names` (tensor wire names, groups, bundles, metadata keys, modes; torch-free), `spec`
 (AdapterSpec and the upload schema; torch-free), `codec` (safetensors payloads), `update`
-(update metadata), `compression` (int8 codec, error feedback, bundle selection) and `initial`
-(round-0 tensors). Names load on first use, so the torch-free facts cost no torch import.
+(update metadata), `compression` (int8 codec, error feedback, bundle selection), `initial`
+(round-0 tensors) and `final` (the final-model folder every run writes per family). Names
+load on first use, so the torch-free facts cost no torch import.
 
 HTTP flow (all under ``/v1``; errors are JSON ``{"error": code, "detail": message, ...}``):
 
@@ -55,5 +56,6 @@ __getattr__, __dir__, __all__ = lazy_face(
             "wire_group",
         ),
         "initial": ("family_seed", "initial_tensors"),
+        "final": ("FINAL_ADAPTER", "FINAL_CARD", "FINAL_DIR", "final_card", "write_final"),
     },
 )

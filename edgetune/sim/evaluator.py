@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -27,7 +26,8 @@ from edgetune.config import ClientConfig, RunConfig
 from edgetune.data.datasets import Split
 from edgetune.errors import ConfigError
 from edgetune.models.zoo import load_backbone
-from edgetune.protocol import GROUP_PRIVATE
+from edgetune.protocol import GROUP_PRIVATE, META_GROUPS
+from edgetune.protocol.final import write_final
 
 log = logging.getLogger(__name__)
 
@@ -92,23 +92,15 @@ class FamilyEvaluator:
     def save_final(self, folder: Path) -> Path:
         """Write the family's global model as last evaluated (the family bundle, the global
         branch and the head; no private branch) as ``adapter.safetensors`` with its backbone
-        and class names, ready for `edgetune export --adapter`; plus a ``model.json`` card."""
-        folder.mkdir(parents=True, exist_ok=True)
-        groups = tuple(g for g in self.runtime.hooks.saved_groups if g != GROUP_PRIVATE)
-        path = folder / "adapter.safetensors"
-        self.runtime.handle.save(path, groups=groups)
+        and class names, ready for `edgetune export --adapter`; plus a ``model.json`` card
+        (`edgetune.protocol.final`, the format the server writes too)."""
         handle = self.runtime.handle
+        groups = tuple(g for g in self.runtime.hooks.saved_groups if g != GROUP_PRIVATE)
+        tensors = {n: t for g in groups for n, t in handle.state_dict_for(g).items()}
+        meta = {**handle.metadata(), META_GROUPS: ",".join(groups)}
+        path = write_final(folder, tensors, meta, self.next_version - 1)
         if isinstance(handle, LoraHandle) and peft_expressible(handle):  # PEFT's format too
             save_peft_adapter(handle, folder / "peft")
-        card = {
-            "family": self.family,
-            "backbone": self.runtime.backbone.spec.name,
-            "version": self.next_version - 1,
-            "classes": list(self.runtime.dataset.classes),
-            "groups": list(groups),
-            "export": f"edgetune export --adapter {path} --out <folder>",
-        }
-        (folder / "model.json").write_text(json.dumps(card, indent=1))
         return path
 
     def evaluate_initial(self) -> dict[str, Any]:

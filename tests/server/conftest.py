@@ -45,11 +45,11 @@ def random_update(spec: AdapterSpec, seed: int, scale: float = 0.1) -> dict[str,
     }
 
 
-TOP_LEVEL = ("strategy", "seed", "rounds")
+TOP_LEVEL = ("strategy", "seed", "rounds", "groups")
 
 
 def server_run(**keys: Any) -> RunConfig:
-    """A run config from the keys a test names: ``strategy``, ``seed`` and ``rounds`` are
+    """A run config from the keys a test names: ``strategy``, ``seed``, ``rounds``, ``groups`` are
     top-level, every other key is a ``[server]`` key. Tests run up to 1000 rounds and, unless
     they say otherwise, close a round at 2 uploads."""
     top = {k: keys.pop(k) for k in TOP_LEVEL if k in keys}
