@@ -30,6 +30,25 @@ COMMAND_MODULES = (
 )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every subcommand's help: an option's default follows its help text, unless the text
+    already says it or there is none to show (a flag, a required option, an absent default,
+    whose help then says what absence means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if text == argparse.SUPPRESS or "default" in text or not shows_default(action):
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """True for an option whose default the formatter can print (a value, not absence)."""
+    if not action.option_strings or action.required or action.nargs == 0:
+        return False
+    return action.default not in (None, [], (), argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgetune",
@@ -44,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_zoo(sub)
     _register_data(sub)
     for command in sub.choices.values():  # -v before or after the subcommand alike
+        command.formatter_class = HelpFormatter
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="debug logging")  # fmt: skip
     return parser
@@ -53,13 +73,16 @@ def _register_zoo(sub: Any) -> None:
     zoo = sub.add_parser("zoo", help="list backbones, or show one backbone's spec")
     zoo.add_argument("name", nargs="?", help="zoo name or local model folder")
     zoo.add_argument("--json", action="store_true", help="print the spec as JSON")
-    zoo.add_argument("--adapter", choices=("fedadapter", "lora"), help="print parameter counts")
-    zoo.add_argument("--rank", type=int, default=16, help="adapter rank (with --adapter)")
+    zoo.add_argument("--kind", dest="adapter", choices=("fedadapter", "lora"),
+                     help="print the parameter counts of this adapter kind (default: none)")  # fmt: skip
+    zoo.add_argument("--adapter", dest="adapter", choices=("fedadapter", "lora"),
+                     default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name of --kind  # fmt: skip
+    zoo.add_argument("--rank", type=int, default=16, help="adapter rank (with --kind)")
     zoo.add_argument("--anchors", type=int, default=2, help="global anchor slots K")
     zoo.add_argument(
         "--quant",
         choices=QUANT_MODES,
-        help="print the weight memory per dtype at this quantization next to fp32",
+        help="print the weight memory per dtype at this quantization next to fp32 (default: none)",
     )
     zoo.set_defaults(func=_cmd_zoo)
 
@@ -121,8 +144,15 @@ def _print_adapter_counts(backbone, args: argparse.Namespace) -> int:
 def _register_data(sub: Any) -> None:
     data = sub.add_parser("data", help="list datasets, or show one dataset's class counts")
     data.add_argument("name", nargs="?", help="fortunes | mnist5k | digits | file.csv/.jsonl")
-    data.add_argument("--categories", help="fortunes categories, comma-separated")
-    data.add_argument("--clients", type=_positive, help="also show a Dirichlet partition")
+    data.add_argument(
+        "--categories",
+        help="fortunes categories, comma-separated (default: the six of data.categories)",
+    )
+    data.add_argument(
+        "--clients",
+        type=_positive,
+        help="also show a Dirichlet partition over this many clients (default: none)",
+    )
     data.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     data.add_argument("--seed", type=int, default=0, help="seeds the split and the partition")
     data.set_defaults(func=_cmd_data)

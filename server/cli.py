@@ -49,18 +49,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state", required=True, type=Path, help="state directory (created; resumed if present)"
     )
-    p.add_argument("--host", default=None, help="bind address (server.host, default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port (server.port, default 8080)")
+    p.add_argument(
+        "--host", default=None, help="bind address (default: the config's server.host, 127.0.0.1)"
+    )
+    p.add_argument(
+        "--port", type=int, default=None, help="port (default: the config's server.port, 8080)"
+    )
     p.add_argument(
         "--config", type=Path, default=None,
-        help="run config (the same TOML as simulate: rounds, strategy, seed, [server], [[group]])",
+        help="run config, the same TOML as simulate (default: built-in defaults)",
     )  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (repeatable), e.g. --set server.min_clients=3")  # fmt: skip
+                   help="override a config key (repeatable), e.g. server.min_clients=3 (default: none)")  # fmt: skip
     p.add_argument("--join-token-file", type=Path, default=None,
-                   help=f"file holding the join token (else env {JOIN_TOKEN_ENV})")  # fmt: skip
-    p.add_argument("--certfile", type=Path, default=None, help="TLS certificate (PEM)")
-    p.add_argument("--keyfile", type=Path, default=None, help="TLS private key (PEM)")
+                   help=f"file holding the join token (default: env {JOIN_TOKEN_ENV})")  # fmt: skip
+    p.add_argument(
+        "--certfile",
+        type=Path,
+        default=None,
+        help="TLS certificate (PEM; default: none, plain HTTP)",
+    )
+    p.add_argument(
+        "--keyfile",
+        type=Path,
+        default=None,
+        help="TLS private key (PEM; default: none, plain HTTP)",
+    )
 
 
 def register_cli(subparsers: Any) -> None:

@@ -41,24 +41,56 @@ FLAG_KEYS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="run config (TOML, or JSON of the same tables)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="run config (TOML, or JSON of the same tables; default: built-in defaults)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. client.quant=nf4 (repeatable)")  # fmt: skip
+                   help="override a config key (repeatable), e.g. client.quant=nf4 (default: none)")  # fmt: skip
     p.add_argument("--join-token", help=f"join token (default: env {JOIN_TOKEN_ENV})")
-    p.add_argument("--result", type=Path, help="write the final metrics as JSON here")
-    p.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8080 (client.url)")
-    p.add_argument("--ca-cert", help="CA certificate (PEM) of an https server (client.ca_cert)")
-    p.add_argument("--backbone", help="zoo name or model folder (client.backbone)")
-    p.add_argument("--quant", help="none, int8, nf4 or fp4 (client.quant)")
-    p.add_argument("--strategy", help="the run's strategy (strategy)")
-    p.add_argument("--data", help="dataset name or .csv/.jsonl file (data.dataset)")
-    p.add_argument("--state-dir", help="where the client keeps its state (client.state_dir)")
-    p.add_argument("--rank", type=int, help="this client's adapter rank (client.rank)")
-    p.add_argument("--epochs", type=int, help="local epochs per round (train.epochs)")
-    p.add_argument("--lr", type=float, help="learning rate (train.lr)")
-    p.add_argument("--batch-size", type=int, help="local batch size (train.batch_size)")
-    p.add_argument("--time-budget", type=float, help="seconds of training per round")
-    p.add_argument("--max-rounds", type=int, help="stop after this many rounds (client.max_rounds)")
+    p.add_argument(
+        "--result", type=Path, help="write the final metrics as JSON here (default: not written)"
+    )
+    p.add_argument(
+        "--server", help="server URL, e.g. http://127.0.0.1:8080 (default: the config's client.url)"
+    )
+    p.add_argument(
+        "--ca-cert",
+        help="CA certificate (PEM) of an https server (default: the config's client.ca_cert)",
+    )
+    p.add_argument(
+        "--backbone", help="zoo name or model folder (default: the config's client.backbone)"
+    )
+    p.add_argument("--quant", help="none, int8, nf4 or fp4 (default: the config's client.quant)")
+    p.add_argument("--strategy", help="the run's strategy (default: the config's strategy)")
+    p.add_argument(
+        "--data", help="dataset name or .csv/.jsonl file (default: the config's data.dataset)"
+    )
+    p.add_argument(
+        "--state-dir",
+        help="where the client keeps its state (default: the config's client.state_dir)",
+    )
+    p.add_argument(
+        "--rank", type=int, help="this client's adapter rank (default: the config's client.rank)"
+    )
+    p.add_argument(
+        "--epochs", type=int, help="local epochs per round (default: the config's train.epochs)"
+    )
+    p.add_argument("--lr", type=float, help="learning rate (default: the config's train.lr)")
+    p.add_argument(
+        "--batch-size", type=int, help="local batch size (default: the config's train.batch_size)"
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds of training per round (default: the config's train.time_budget_s)",
+    )
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        help="stop after this many rounds (default: the config's client.max_rounds)",
+    )
 
 
 def register_cli(sub: Any) -> None:

@@ -1,6 +1,6 @@
 """`edgetune profile`: the command line of `edgetune.measure.profile` (torch-free to register).
 
-    edgetune profile --backbone minilm-l6 --adapter fedadapter --batch 8 --seq 64 [--json]
+    edgetune profile --backbone minilm-l6 --kind fedadapter --batch-size 8 --seq 64 [--json]
 
 Building the parser imports only torch-free modules; the profile itself (torch) loads when the
 command runs, so ``edgetune --help`` stays torch-free.
@@ -77,15 +77,20 @@ def register_cli(sub: Any) -> None:
     )
     p.add_argument("--backbone", required=True, help="zoo name or model folder")
     p.add_argument("--quant", default=QUANT_NONE, choices=QUANT_MODES, help="backbone weights")
-    p.add_argument("--adapter", default=KIND_FEDADAPTER, choices=ADAPTERS, help="what trains")
-    p.add_argument("--batch", type=int, default=8, help="samples per step")
+    p.add_argument("--kind", dest="adapter", default=KIND_FEDADAPTER, choices=ADAPTERS,
+                   help="adapter kind that trains")  # fmt: skip
+    p.add_argument("--adapter", dest="adapter", choices=ADAPTERS, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # old name of --kind  # fmt: skip
+    p.add_argument("--batch-size", dest="batch", type=int, default=8, help="samples per step")
+    p.add_argument("--batch", dest="batch", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # old name of --batch-size  # fmt: skip
     p.add_argument("--seq", type=int, default=64, help="tokens per sample (text models)")
     p.add_argument("--rank", type=int, default=16, help="FedAdapter rank")
     p.add_argument("--blocks", type=_blocks_arg, default="all",
                    help="FedAdapter blocks: all, from:N, or indices like 0,2 (not on the wire)")  # fmt: skip
     p.add_argument("--branches", default=",".join(BRANCHES),
                    help="FedAdapter branches, comma-separated (the wire carries all three)")  # fmt: skip
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (--adapter lora)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (--kind lora)")
     p.add_argument("--n-classes", type=int, default=6, help="classes of the task head")
     p.add_argument("--compression", default=COMPRESSION_NONE, choices=COMPRESSIONS,
                    help="update compression for the byte counts")  # fmt: skip

@@ -168,11 +168,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export backbone + FedAdapter + head to ONNX")
     p.add_argument("--backbone", help="zoo name or model folder (default: the adapter file's)")
     p.add_argument("--adapter", type=Path, required=True, help="adapter file (AdapterHandle.save)")
-    p.add_argument("--out", type=Path, help="export folder")
+    p.add_argument("--out", type=Path, help="export folder (default: none; needed unless --into)")
     p.add_argument("--merge", action="store_true", help="fold the branches (per-layer gate)")
     p.add_argument("--int4", action="store_true", help="backbone MatMuls as 4-bit MatMulNBits")
     p.add_argument("--labels", help="class names, comma-separated (default: the file's)")
     p.add_argument(
-        "--into", type=Path, help="only write the adapter as .onnx_adapter for this export folder"
+        "--into",
+        type=Path,
+        help="only write the adapter as .onnx_adapter for this export folder (default: none)",
     )
     p.set_defaults(func=_cmd_export)

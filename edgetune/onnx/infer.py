@@ -281,11 +281,21 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `edgetune infer` to the CLI; it runs via `args.func(args)`."""
     p = subparsers.add_parser("infer", help="classify with an exported ONNX model")
     p.add_argument("--model", type=Path, required=True, help="export folder (edgetune export)")
-    p.add_argument("--adapter", type=Path, help=".onnx_adapter or .safetensors adapter file")
+    p.add_argument(
+        "--adapter",
+        type=Path,
+        help=".onnx_adapter or .safetensors adapter file (default: the export's own)",
+    )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    what.add_argument("--image", action="append", type=Path, help="an image file (repeatable)")
+    what.add_argument(
+        "--text", action="append", help="a text to classify (repeatable; default: none)"
+    )
+    what.add_argument(
+        "--image", action="append", type=Path, help="an image file (repeatable; default: none)"
+    )
     p.add_argument("--top", type=int, default=3, help="probabilities shown per input")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_infer)

@@ -83,17 +83,54 @@ def check_runnable(config: RunConfig) -> None:
     evaluation_plan(config)
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse an output folder that holds anything, unless ``overwrite`` (then empty it)."""
+def prepare_out(out: Path, overwrite: bool, resume: RunConfig | None = None) -> None:
+    """Refuse an output folder that holds anything, unless ``overwrite`` (then empty it) or
+    ``resume`` (the config that must equal the one the folder's run was started with)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    used = out.is_dir() and any(out.iterdir())
+    if resume is not None:
+        if not used:
+            raise ConfigError(f"--resume: {out} holds no run to continue")
+        check_same_config(out, resume)
+    elif used:
         if not overwrite:
             raise ConfigError(
-                f"--out {out} already holds a run; choose another folder or pass --overwrite "
-                "(which deletes what is there)"
+                f"--out {out} already holds a run; choose another folder, pass --resume (same "
+                "config: continue it) or --overwrite (which deletes what is there)"
             )
         shutil.rmtree(out)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {
+            k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()
+        }
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return {
+            k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}{i}.").items()
+        }
+    return {prefix.rstrip("."): value}
+
+
+def check_same_config(out: Path, config: RunConfig) -> None:
+    """``out/config.json`` (written when the run started) equals ``config``, else one line
+    naming the first keys that differ."""
+    try:
+        stored = _flat(json.loads((out / "config.json").read_text()))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume: {out} holds no readable config.json ({err})") from err
+    wanted = _flat(json.loads(json.dumps(config_to_dict(config))))
+    differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+    if differ:
+        shown = ", ".join(
+            f"{k} ({stored.get(k)!r} there, {wanted.get(k)!r} here)" for k in differ[:3]
+        )
+        raise ConfigError(
+            f"--resume: the config differs from the run in {out}: {shown}; resume with the "
+            "same config, or use --overwrite or another --out"
+        )
 
 
 def _show_progress(bar: tqdm, info: dict[str, Any], table: RoundTable) -> None:
