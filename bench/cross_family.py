@@ -73,10 +73,15 @@ def expand(sets: list[str], config: Path) -> list[str]:
     return out
 
 
-def run_cell(name: str, sets: list[str], out: Path, reuse: bool) -> dict[str, Any]:
-    """One simulate run (skipped when ``reuse`` and its summary exists); its summary."""
+def run_cell(name: str, sets: list[str], out: Path, reuse: bool) -> dict[str, Any] | None:
+    """One simulate run (skipped when ``reuse`` and its summary exists); its summary.
+
+    ``reuse=None`` runs nothing: a cell whose run has not finished is None.
+    """
     folder = out / "runs" / name
     summary = folder / "summary.json"
+    if reuse is None and not summary.is_file():
+        return None
     if not (reuse and summary.is_file()):
         cmd = [sys.executable, "-m", "edgetune.cli", "simulate", "--config", str(DEMO)]
         cmd += ["--out", str(folder), "--overwrite"] + [a for s in sets for a in ("--set", s)]
@@ -98,7 +103,10 @@ def run_cell(name: str, sets: list[str], out: Path, reuse: bool) -> dict[str, An
     }
 
 
-def mean_over_seeds(cells: list[dict[str, Any]]) -> dict[str, Any]:
+def mean_over_seeds(cells: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    cells = [c for c in cells if c is not None]
+    if not cells:
+        return None
     families = sorted({f for c in cells for f in c["acc"]})
     acc = {f: [c["acc"][f] for c in cells if f in c["acc"]] for f in families}
     worst = [c["worst_client"] for c in cells if c["worst_client"] is not None]
@@ -125,23 +133,24 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 for seed in args.seeds
             ]
-            table.setdefault(setting, {})[row] = mean_over_seeds(cells)
+            mean = mean_over_seeds(cells)
+            if mean is not None:
+                table.setdefault(setting, {})[row] = mean
     return table
 
 
 def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for index, (variant, sets) in enumerate(ABLATION.items()):
+        # The recipe itself is the demo setting's heterogeneous run: shared, not run twice.
+        name = "demo/fedadapter/s{}" if not sets else f"ablation/v{index}/s{{}}"
         cells = [
-            run_cell(
-                f"ablation/v{index}/s{seed}",
-                [*expand(sets, DEMO), f"seed={seed}"],
-                args.out,
-                args.reuse,
-            )
+            run_cell(name.format(seed), [*expand(sets, DEMO), f"seed={seed}"], args.out, args.reuse)
             for seed in args.seeds
         ]
-        table[variant] = mean_over_seeds(cells)
+        mean = mean_over_seeds(cells)
+        if mean is not None:
+            table[variant] = mean
     return table
 
 
@@ -149,16 +158,25 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _cell(row: dict[str, Any], family: str) -> str:
+    if family not in row["acc"]:
+        return "-"
+    low, high = row["spread"][family]
+    spread = f" ({_pct(low)}-{_pct(high)})" if row["seeds"] > 1 else ""
+    return _pct(row["acc"][family]) + spread
+
+
 def table_markdown(table: dict[str, Any]) -> list[str]:
     lines = []
     for setting, rows in table.items():
         families = sorted({f for r in rows.values() for f in r["acc"]})
-        lines += ["", f"**{setting}** (mean of {next(iter(rows.values()))['seeds']} seeds)", ""]
-        lines += ["| row | " + " | ".join(families) + " | worst client |"]
-        lines += ["|---" * (len(families) + 2) + "|"]
+        lines += ["", f"**{setting}** (mean over seeds; min-max in brackets)", ""]
+        lines += ["| row | seeds | " + " | ".join(families) + " | worst client |"]
+        lines += ["|---" * (len(families) + 3) + "|"]
         for row, r in rows.items():
-            cells = [f"{_pct(r['acc'].get(f))}" for f in families]
-            lines += [f"| {row} | " + " | ".join(cells) + f" | {_pct(r['worst_client'])} |"]
+            cells = [_cell(r, f) for f in families]
+            head = f"| {row} | {r['seeds']} | "
+            lines += [head + " | ".join(cells) + f" | {_pct(r['worst_client'])} |"]
     return lines
 
 
@@ -193,9 +211,14 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--ablation", action="store_true", help="run the ablation instead")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs")
+    parser.add_argument(
+        "--no-run", action="store_true", help="only tabulate finished runs, start none"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "cross_family")
     args = parser.parse_args()
     name = "cross_family_ablation" if args.ablation else "cross_family"
+    if args.no_run:
+        args.reuse = None
     table = run_ablation(args) if args.ablation else run_table(args)
     result: dict[str, Any] = {"machine": machine_info(["edgetune", "kernels", "server"])}
     result |= {"seeds": args.seeds, "table": {"ablation": table} if args.ablation else table}
