@@ -60,8 +60,9 @@ class ClientRuntime:
         self.dataset, train_split, holdout = load_shard(
             config.data, config.seed, me.shard, me.shards
         )
-        self.n_classes = len(self.dataset.classes)
-        self.task = build_task_model(self.backbone, "classify", n_classes=self.n_classes)
+        # The lm task trains no head: the decoder's own LM head scores the next token.
+        self.n_classes = len(self.dataset.classes) if config.task == "classify" else 0
+        self.task = build_task_model(self.backbone, config.task, n_classes=self.n_classes)
         self.handle = self._inject(self.backbone, self.task)
         self.handle.classes = tuple(self.dataset.classes)
         self.spec = wire_spec(self.backbone.spec, self.handle, self.n_classes)
@@ -93,7 +94,7 @@ class ClientRuntime:
         task, handle, data = self.task, self.handle, self.train_data
         if self.backbone.quant != QUANT_NONE:
             fp32 = load_backbone(self.config.client.backbone)
-            task = build_task_model(fp32, "classify", n_classes=self.n_classes)
+            task = build_task_model(fp32, self.config.task, n_classes=self.n_classes)
             handle = self._inject(fp32, task)
             data = EncodedSplit(fp32, self._first_batch, self.config.train.max_length)
         batch = self.config.train.batch_size

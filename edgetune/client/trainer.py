@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from edgetune.client.lm import evaluate_lm, is_lm, measure_lm_step_flops, train_lm
 from edgetune.config import TrainConfig
 from edgetune.data.datasets import Split
 from edgetune.errors import ConfigError
@@ -100,7 +101,10 @@ def train_local(
     """E epochs of AdamW over `params` (a fresh optimiser each round, as in FedAvg).
 
     `params` is a list of tensors or of torch parameter groups (e.g. the head at its own lr).
+    The `lm` task's model trains on its token loss instead (`edgetune.client.lm`).
     """
+    if is_lm(model):
+        return TrainResult(*train_lm(model, params, data, config, round_id, desc))
     if len(data) == 0:
         raise ConfigError("cannot train on an empty split")
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -146,7 +150,9 @@ def train_local(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: EncodedSplit, batch_size: int = 64) -> EvalResult:
-    """Accuracy and mean cross-entropy over the whole split."""
+    """Accuracy and mean cross-entropy over the whole split (`lm`: per real token)."""
+    if is_lm(model):
+        return EvalResult(*evaluate_lm(model, data, batch_size=min(batch_size, 16)))
     if len(data) == 0:
         return EvalResult(float("nan"), float("nan"), 0)
     model.eval()
@@ -167,6 +173,8 @@ def measure_step_flops(
     No optimiser step is taken and the gradients are cleared afterwards. Ops without a
     registered FLOP formula (e.g. bitsandbytes' dequantising matmuls) count as zero.
     """
+    if is_lm(model):
+        return measure_lm_step_flops(model, params, data, batch_size)
     from edgetune.measure.flops import flop_counter
 
     features, labels = data.batch(torch.arange(min(batch_size, len(data))))

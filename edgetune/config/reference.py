@@ -12,6 +12,7 @@ DOCS = {
     "rounds": "federated rounds; the server stops after the last",
     "strategy": f"one of {', '.join(NAMES)}",
     "seed": "seeds the split, partition, server init and training",
+    "task": "classify, or lm: causal-LM tuning of decoders, scored by held-out perplexity",
     "data.dataset": "fortunes, mnist5k, digits or a .csv/.jsonl path",
     "data.categories": "fortunes categories (classes)",
     "data.max_per_class": "cap per class, 0 = all",

@@ -5,6 +5,7 @@ One file drives `edgetune simulate`, `edgetune server` and `edgetune client`::
     rounds = 5              # the server stops after this many rounds
     strategy = "fedadapter" # a name of edgetune.strategies (the only list of names)
     seed = 0
+    task = "classify"       # or "lm": causal-LM tuning of decoders on the clients' own texts
     [data] [adapter] [lora] [train] [comm] [server] [client]   (edgetune.config.sections)
     [[group]]               # one table per client tier: backbone, quant, count, rank
 
@@ -36,6 +37,10 @@ from edgetune.config.toml import apply_override, read_toml
 from edgetune.errors import ConfigError
 from edgetune.strategies.registry import StrategyDef, get_strategy
 
+#: what the clients train: a classifier head (any backbone) or the decoder's own next-token
+#: prediction on their texts (`lm`: held-out perplexity is the metric)
+TASKS = ("classify", "lm")
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "adapter": AdapterConfig,
@@ -52,6 +57,7 @@ class RunConfig:
     rounds: int = 5
     strategy: str = "fedadapter"
     seed: int = 0
+    task: str = "classify"
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -65,6 +71,7 @@ class RunConfig:
         check_int("rounds", self.rounds, 1, 100_000)
         get_strategy(self.strategy)  # raises naming the allowed values
         check_int("seed", self.seed, 0, 2**62)
+        check(self.task in TASKS, "task", self.task, f"allowed values are {TASKS}")
         quorum = self.server.min_clients or self.num_clients
         if quorum:
             check(self.server.min_clients_at_deadline <= quorum,

@@ -1,9 +1,12 @@
-"""Task models around a frozen backbone: sequence / image classification, LM passthrough.
+"""Task models around a frozen backbone: sequence / image classification, causal LM.
 
 The head is a plain `nn.Linear(hidden, n_classes)`; it is trained and aggregated within the
 family (`family.head.*`). Text models are mean-pooled over the attention mask, as the sentence
 embeddings of MiniLM are; image transformers are mean-pooled over patches; the CNN uses its
-global-average-pooled features.
+global-average-pooled features. Decoders run their base model only (`base_model`: the blocks
+and the final norm), so classification never computes the LM head; the `lm` task returns the
+final hidden states and leaves the (frozen, tied) LM head to the chunked loss of
+`edgetune.client.lm`, which never holds a whole [tokens, vocab] logits tensor.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from edgetune.models.zoo import Backbone
 
 
 def _last_hidden(model: nn.Module, causal_lm: bool, **inputs: Tensor) -> Tensor:
-    if causal_lm:  # *ForCausalLM: the LM head is skipped, the last (final-normed) state is used
-        return model(**inputs, output_hidden_states=True).hidden_states[-1]
+    if causal_lm:  # *ForCausalLM: its base model (blocks + final norm); the LM head never runs
+        return model.base_model(**inputs).last_hidden_state
     return model(**inputs).last_hidden_state
 
 
@@ -57,17 +60,31 @@ class ImageClassifier(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Language-modelling passthrough for decoders: the backbone's own LM head, no new head."""
+    """Causal language modelling with the backbone's own frozen LM head, no new head.
+
+    `forward` returns the final hidden states [B, T, d]; `logits` applies the LM head (and
+    Gemma's final soft-capping where the config sets one) to any slice of them.
+    """
+
+    is_lm = True
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         if not backbone.spec.causal_lm:
-            raise ConfigError(f"{backbone.spec.name} is not a causal LM")
+            raise ConfigError(f"task='lm' needs a decoder; {backbone.spec.name} is not a causal LM")
         self.body = backbone.model
+        self.lm_head = backbone.model.get_output_embeddings()
+        self.softcap = getattr(backbone.model.config, "final_logit_softcapping", None)
         self.head = None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return self.body(input_ids=input_ids, attention_mask=attention_mask).logits
+        return _last_hidden(self.body, True, input_ids=input_ids, attention_mask=attention_mask)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        out = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
 
 
 def build_task_model(backbone: Backbone, task: str, n_classes: int = 0) -> nn.Module:

@@ -101,6 +101,10 @@ class FamilyEvaluator:
         path = write_final(folder, tensors, meta, self.next_version - 1)
         if isinstance(handle, LoraHandle) and peft_expressible(handle):  # PEFT's format too
             save_peft_adapter(handle, folder / "peft")
+        if self.runtime.config.task == "lm":  # greedy continuations of fixed prompts
+            from edgetune.client.lm import write_samples
+
+            write_samples(self.runtime.task, self.runtime.backbone.tokenizer, folder)
         return path
 
     def evaluate_initial(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from edgetune.models.heads import build_task_model
 from edgetune.models.zoo import load_backbone
 from edgetune.sim.evaluator import eval_subset, evaluation_plan, family_of
 from edgetune.sim.harness import run_simulation
+from edgetune.sim.report import perplexity
 
 log = logging.getLogger(__name__)
 FEDERATED_BASE = "fedadapter"  # the strategy homogeneous and isolated runs federate with
@@ -111,7 +112,10 @@ def centralized(config: RunConfig, family: str, backbone_name: str, out: Path) -
         acc = evaluate(runtime.task, EncodedSplit(runtime.backbone, test, config.train.max_length))
     log.info("centralized %s: test accuracy %.4f", family, acc.accuracy)
     epochs = config.rounds * config.train.epochs
-    return {"acc": acc.accuracy, "backbone": backbone_name, "epochs": epochs}
+    row = {"acc": acc.accuracy, "backbone": backbone_name, "epochs": epochs}
+    if config.task == "lm":  # acc is next-token accuracy; the lm metric is perplexity
+        row.update(loss=acc.loss, perplexity=perplexity(acc.loss))
+    return row
 
 
 def homogeneous(config: RunConfig, family: str, backbone_name: str, out: Path) -> dict[str, Any]:

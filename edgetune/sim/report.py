@@ -1,5 +1,8 @@
 """Outputs of a simulation: `metrics.jsonl` (a line per round), `summary.json`, PNG plots.
 
+An ``lm`` run adds ``global_perplexity`` (per family) to each line, a perplexity table, and
+its final models' greedy samples (``samples`` in `summary.json`).
+
 Round r's line joins the evaluator's test accuracy of the version-r global model of each
 family with what the clients logged for round r (bytes as sent, personal accuracy on their
 held-out data after local training, estimated train FLOPs). Round 0 is the initial model.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -37,12 +41,16 @@ class RoundTable:
         self.out = out
         self.config = config
         self.global_acc: dict[int, dict[str, float]] = defaultdict(dict)
+        # task = "lm": held-out perplexity (exp of the mean token NLL) of each family's model
+        self.global_ppl: dict[int, dict[str, float]] = defaultdict(dict)
         self.rows: list[dict[str, Any]] = []
         self.printed_header = False
 
     def record(self, family: str, result: dict[str, Any]) -> None:
         """The evaluator's test accuracy of one family's model version; rewrites the file."""
         self.global_acc[int(result["version"])][family] = float(result["acc"])
+        if self.config.task == "lm":
+            self.global_ppl[int(result["version"])][family] = perplexity(float(result["loss"]))
         self._write()
 
     def refresh(self) -> None:
@@ -70,6 +78,7 @@ class RoundTable:
                     "round": r,
                     "global_acc": glob,
                     "global_acc_overall": mean(glob.values()) if glob else None,
+                    **self._perplexity_of(r),
                     "personal_acc": {f: mean(v) for f, v in personal.items()},
                     "personal_acc_by_tier": {t: mean(v) for t, v in sorted(by_tier.items())},
                     "personal_acc_overall": mean(a for v in personal.values() for a in v)
@@ -86,6 +95,12 @@ class RoundTable:
                 }
             )
         return rows
+
+    def _perplexity_of(self, version: int) -> dict[str, Any]:
+        """``global_perplexity`` (per family) of an lm run's row; nothing for classification."""
+        if self.config.task != "lm":
+            return {}
+        return {"global_perplexity": dict(self.global_ppl.get(version, {}))}
 
     def _write(self) -> None:
         self.rows = self._build_rows()
@@ -120,7 +135,11 @@ class RoundTable:
     def finish(self, wall_s: float, client_results: list[dict[str, Any]]) -> dict[str, Any]:
         self._write()
         table = self.print_table()
+        if self.config.task == "lm":
+            table += "\n" + self.print_perplexity()
         summary = self._summary(wall_s, client_results)
+        if self.config.task == "lm":
+            summary.update(self._lm_summary())
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         (self.out / "table.txt").write_text(table + "\n")
         return summary
@@ -153,11 +172,47 @@ class RoundTable:
             "clients": client_results,
         }
 
+    def print_perplexity(self) -> str:
+        """The lm run's table: held-out perplexity of each family's global model per round."""
+        rows = [r for r in self.rows if r.get("global_perplexity")]
+        families = sorted({f for r in rows for f in r["global_perplexity"]})
+        lines = [
+            "global-model held-out perplexity per family (lower is better)",
+            f"{'round':>5} " + " ".join(f"{f[:14]:>14}" for f in families),
+        ]
+        for row in rows:
+            cells = (row["global_perplexity"].get(f) for f in families)
+            lines.append(f"{row['round']:>5} " + " ".join(_num(c) for c in cells))
+        table = "\n".join(lines)
+        print(table, flush=True)
+        return table
+
+    def _lm_summary(self) -> dict[str, Any]:
+        """First and last perplexity per family, and the final models' greedy samples."""
+        rows = [r for r in self.rows if r.get("global_perplexity")]
+        samples = {}
+        for path in sorted((self.out / "final").glob("*/samples.json")):
+            samples[path.parent.name] = json.loads(path.read_text())
+        return {
+            "initial_global_perplexity": rows[0]["global_perplexity"] if rows else {},
+            "final_global_perplexity": rows[-1]["global_perplexity"] if rows else {},
+            "samples": samples,
+        }
+
     def _families_of_clients(self) -> list[str]:
         families: dict[str, str] = {}
         for line in _client_lines(self.out):
             families[line["client"]] = line["family"]
         return [families.get(f"c{i}", "?") for i in range(self.config.num_clients)]
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp of a mean token NLL (capped so a diverged model reports inf-like, not an error)."""
+    return math.exp(min(mean_nll, 700.0))
+
+
+def _num(value: float | None) -> str:
+    return f"{'-':>14}" if value is None else f"{value:>14.2f}"
 
 
 def _pct(value: float | None) -> str:
