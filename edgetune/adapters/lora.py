@@ -8,6 +8,7 @@ model with the same A and B gives the same outputs. Tensors travel as `lora.<mod
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -90,10 +91,42 @@ class LoraHandle(AdapterHandle):
         )
 
 
+#: LoRA's modules per architecture when ``lora.targets`` is empty: PEFT's per-model defaults
+#: (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``; a test holds them equal), the
+#: attention's query and value projections.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "value"),
+    "vit": ("query", "value"),
+    "llama": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"),
+}
+
+
+def resolve_targets(config: LoraConfig, spec) -> tuple[str, ...]:
+    """``config.targets``, or the architecture's default when it is empty."""
+    if config.targets:
+        return tuple(config.targets)
+    if spec.architecture not in DEFAULT_TARGETS:
+        raise ConfigError(
+            f"lora.targets=[] but {spec.name} ({spec.architecture}) has no default LoRA targets "
+            f"(known for {sorted(DEFAULT_TARGETS)}); name its modules in lora.targets"
+        )
+    return DEFAULT_TARGETS[spec.architecture]
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The distinct last name components of the model's linear layers (what targets match)."""
+    return sorted(
+        {n.rpartition(".")[2] for n, m in model.named_modules() if hasattr(m, "in_features")}
+    )
+
+
 def apply_lora(
     model: nn.Module, spec, config: LoraConfig, head: nn.Module | None = None
 ) -> LoraHandle:
-    """Wrap every linear layer whose last name component is in `config.targets`."""
+    """Wrap every linear layer whose last name component is in `config.targets` (empty: the
+    architecture's `DEFAULT_TARGETS`); the handle's config names the targets used."""
+    config = dataclasses.replace(config, targets=resolve_targets(config, spec))
     for param in model.parameters():
         param.requires_grad_(False)
     targets = [
@@ -102,7 +135,10 @@ def apply_lora(
         if name.rpartition(".")[2] in config.targets and hasattr(module, "in_features")
     ]
     if not targets:
-        raise ConfigError(f"lora.targets={config.targets!r} match no linear layer of {spec.name}")
+        raise ConfigError(
+            f"lora.targets={list(config.targets)} match no linear layer of {spec.name}; "
+            f"its linear layers are named {linear_names(model)}"
+        )
     originals: dict[str, nn.Module] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(spec.fingerprint[:8], 16))  # same A for every client of a family

@@ -29,7 +29,7 @@ DOCS = {
     "adapter.dropout": "dropout on the adapter input",
     "lora.rank": "LoRA rank (baselines)",
     "lora.alpha": "LoRA alpha (scaling alpha/rank)",
-    "lora.targets": "module names to adapt",
+    "lora.targets": "module names to adapt, [] = per architecture (q_proj/v_proj, query/value)",
     "lora.dropout": "LoRA dropout",
     "train.epochs": "local epochs per round",
     "train.batch_size": "local batch size",

@@ -158,16 +158,20 @@ def parse_blocks(blocks: str | tuple[int, ...], num_layers: int | None) -> list[
 
 @dataclass(frozen=True)
 class LoraConfig:
+    """`targets`: module names to adapt; empty: the architecture's default, as PEFT's per-model
+    table has it (`edgetune.adapters.lora.DEFAULT_TARGETS`: query/value for BERT, q_proj/v_proj
+    for Llama and Gemma)."""
+
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("query", "value")
+    targets: tuple[str, ...] = ()
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_int("lora.rank", self.rank, 1, 512)
         check_number("lora.alpha", self.alpha, 0.0, open_low=True)
-        ok = bool(self.targets) and all(isinstance(t, str) and t for t in self.targets)
-        check(ok, "lora.targets", self.targets, "a non-empty list of module names")
+        ok = all(isinstance(t, str) and t for t in self.targets)
+        check(ok, "lora.targets", self.targets, "a list of module names ([] = per architecture)")
         check_number("lora.dropout", self.dropout, 0.0, 0.999)
 
 

@@ -78,7 +78,7 @@ def profile_backbone(
     blocks: str | tuple[int, ...] = "all",
     branches: tuple[str, ...] = BRANCHES,
     lora_rank: int = 8,
-    lora_targets: tuple[str, ...] = ("query", "value"),
+    lora_targets: tuple[str, ...] = (),  # (): the architecture's default (q/v projections)
     n_classes: int = 6,
     compression: str = COMPRESSION_NONE,
     family_every: int = 1,
