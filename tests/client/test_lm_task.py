@@ -118,3 +118,17 @@ def test_lm_run_reports_perplexity_per_family_and_samples(tmp_path):
     assert set(summary["samples"]) == set(groups)
     assert all(len(s) == 3 for s in summary["samples"].values())
     assert "perplexity" in (tmp_path / "table.txt").read_text()
+
+
+def test_llm_config_is_the_issues_run():
+    from pathlib import Path
+
+    import edgetune
+
+    config = load_config(Path(edgetune.__file__).parent / "configs" / "llm.toml")
+    assert config.task == "lm" and config.strategy == "fedadapter"
+    tiers = [(g.backbone, g.quant, g.count) for g in config.groups]
+    assert tiers == [("smollm2-135m", "nf4", 2), ("gemma3-270m", "int8", 2)]
+    assert config.data.dataset == "fortunes" and config.data.alpha < 1.0  # label skew
+    # one adapter config serves both depths (30 and 18 blocks)
+    assert config.adapter.adapted_blocks(18) and config.adapter.anchor_blocks(18)
