@@ -48,8 +48,6 @@ ABLATION: dict[str, list[str]] = {
     "no balanced loss (train.loss=ce)": ["train.loss=ce"],
     "no devices training a 2nd family (group.also=[])": ["@no-also"],
     "global branch frozen (server.eta=1e-6)": ["server.eta=0.000001"],
-    "beta=1 (families weighted by samples)": ["server.beta=1.0"],
-    "conflict projection on": ["server.project_conflicts=true"],
 }
 
 
