@@ -12,16 +12,12 @@ positions is 268 MB, and its backward recomputes it). Evaluation reports the mea
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
-from edgetune.config import TrainConfig
 from edgetune.errors import ConfigError
 
 CHUNK_TOKENS = 256
@@ -69,46 +65,6 @@ def lm_loss(model: nn.Module, features: dict[str, Tensor]) -> tuple[Tensor, int]
     """Mean next-token NLL over the batch's real tokens, and their count."""
     nll, n, _ = token_stats(model, features)
     return nll / max(n, 1), n
-
-
-def train_lm(
-    model: nn.Module, params: list, data, config: TrainConfig, round_id: int = 0, desc: str = ""
-) -> tuple[int, int, float, float, bool]:
-    """`train_local` for the `lm` task: E epochs of AdamW on the mean token NLL; returns the
-    fields of `edgetune.client.trainer.TrainResult` (steps, samples, mean loss, seconds,
-    stopped by the time budget), which `train_local` wraps."""
-    if len(data) == 0:
-        raise ConfigError("cannot train on an empty split")
-    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + round_id)
-    model.train()
-    steps = samples = 0
-    loss_sum, start, stopped = 0.0, time.perf_counter(), False
-    total = config.epochs * math.ceil(len(data) / config.batch_size)
-    with tqdm(total=total, desc=desc or "train", unit="step", leave=False, mininterval=2.0) as bar:
-        for _ in range(config.epochs):
-            for index in torch.randperm(len(data), generator=generator).split(config.batch_size):
-                features, _ = data.batch(index)
-                loss, _ = lm_loss(model, features)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                steps, samples, loss_sum = (
-                    steps + 1,
-                    samples + len(index),
-                    loss_sum + float(loss.detach()),
-                )
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
-                elapsed = time.perf_counter() - start
-                if config.time_budget_s and elapsed >= config.time_budget_s:
-                    stopped = True
-                    break
-            if stopped:
-                break
-    model.eval()
-    seconds = time.perf_counter() - start
-    return steps, samples, loss_sum / max(steps, 1), seconds, stopped
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from edgetune.client.lm import evaluate_lm, is_lm, measure_lm_step_flops, train_lm
+from edgetune.client.lm import evaluate_lm, is_lm, lm_loss, measure_lm_step_flops
 from edgetune.config import TrainConfig
 from edgetune.data.datasets import Split
 from edgetune.errors import ConfigError
@@ -103,12 +103,12 @@ def train_local(
     `params` is a list of tensors or of torch parameter groups (e.g. the head at its own lr).
     The `lm` task's model trains on its token loss instead (`edgetune.client.lm`).
     """
-    if is_lm(model):
-        return TrainResult(*train_lm(model, params, data, config, round_id, desc))
     if len(data) == 0:
         raise ConfigError("cannot train on an empty split")
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    shift: Tensor | None = None
+    shift = None
+    if config.loss == "balanced" and not is_lm(model):
+        shift = label_prior_shift(data.labels, model.head.out_features)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + round_id)
     model.train()
     steps = samples = 0
@@ -118,18 +118,13 @@ def train_local(
         for _ in range(config.epochs):
             for index in torch.randperm(len(data), generator=generator).split(config.batch_size):
                 features, labels = data.batch(index)
-                logits = model(**features)
-                if config.loss == "balanced":
-                    if shift is None:
-                        shift = label_prior_shift(data.labels, logits.shape[-1])
-                    logits = logits + shift.to(logits.dtype)
-                loss = nn.functional.cross_entropy(logits, labels)
+                loss = _batch_loss(model, features, labels, shift)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
                 steps, samples, loss_sum = (
                     steps + 1,
-                    samples + len(labels),
+                    samples + len(index),
                     loss_sum + float(loss.detach()),
                 )
                 elapsed = time.perf_counter() - start
@@ -146,6 +141,16 @@ def train_local(
     return TrainResult(
         steps, samples, loss_sum / max(steps, 1), time.perf_counter() - start, stopped
     )
+
+
+def _batch_loss(model: nn.Module, features: dict, labels: Tensor, shift: Tensor | None) -> Tensor:
+    """The `lm` task's mean token NLL, or cross-entropy of the logits (+ the prior shift)."""
+    if is_lm(model):
+        return lm_loss(model, features)[0]
+    logits = model(**features)
+    if shift is not None:
+        logits = logits + shift.to(logits.dtype)
+    return nn.functional.cross_entropy(logits, labels)
 
 
 @torch.no_grad()
