@@ -41,8 +41,8 @@ from benchinfo import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "edgetune" / "configs" / "llm.toml"
 LLMS = ("smollm2-135m", "gemma3-270m")
-QUANTS = ("nf4", "none")
-VARIANTS = ("fedadapter", "lora", "peft", "full")
+QUANTS = ("none", "nf4")
+VARIANTS = ("fedadapter", "lora", "full", "peft")  # run order: the floors' rows first
 #: floors from issue 14's acceptance: FedAdapter / reference
 FLOORS = {"step_vs_full": 0.75, "step_vs_lora": 1.0, "upload_vs_fedavg_lora": 0.6}
 #: FedAdapter communication knobs whose upload bytes per round are reported
@@ -189,13 +189,13 @@ def run_child(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     return result
 
 
-def plan(llms: list[str]) -> list[tuple[str, str, str]]:
+def plan(llms: list[str], variants: list[str]) -> list[tuple[str, str, str]]:
     """(llm, quant, variant) in run order; full fine-tuning only on fp32."""
     return [
         (llm, quant, variant)
         for llm in llms
         for quant in QUANTS
-        for variant in VARIANTS
+        for variant in variants
         if not (variant == "full" and quant != "none")
     ]
 
@@ -227,38 +227,47 @@ def _floor(value: float, floor: float) -> dict[str, Any]:
     return {"ratio": round(value, 4), "floor": floor, "met": value <= floor}
 
 
-def _step_ratios(fed: dict, full: dict, lora: dict, ref: dict, key: str) -> dict[str, Any]:
-    t = fed[key]
+def _step_ratios(fed: dict, refs: dict[str, dict | None], key: str) -> dict[str, Any]:
+    floors = {"full_fp32": FLOORS["step_vs_full"], "lora": FLOORS["step_vs_lora"]}
+    floors["peft"] = FLOORS["step_vs_lora"]
     return {
-        "vs_full_fp32": _floor(t / full[key], FLOORS["step_vs_full"]),
-        "vs_lora": _floor(t / lora[key], FLOORS["step_vs_lora"]),
-        "vs_peft": _floor(t / ref[key], FLOORS["step_vs_lora"]),
+        f"vs_{name}": _floor(fed[key] / ref[key], floors[name])
+        for name, ref in refs.items()
+        if ref is not None
     }
 
 
 def ratios(rows: dict[str, dict[str, Any]], llm: str) -> dict[str, Any]:
-    """FedAdapter against LoRA / PEFT (same quant), full fine-tuning (fp32) and FedAvg-LoRA.
+    """FedAdapter against LoRA / PEFT (same quant), full fine-tuning (fp32) and FedAvg-LoRA,
+    for the rows measured (a stopped run reports what it has).
 
     Step ratios come twice: on wall time, and on the child's CPU time (one torch thread, so
     CPU time is the work done, which other jobs on a shared machine inflate far less)."""
-    full = rows[f"{llm}/none/full"]
+    full = rows.get(f"{llm}/none/full")
     out: dict[str, Any] = {}
     for quant in QUANTS:
-        fed, lora, ref = (rows[f"{llm}/{quant}/{v}"] for v in ("fedadapter", "lora", "peft"))
+        fed = rows.get(f"{llm}/{quant}/fedadapter")
+        if fed is None:
+            continue
+        refs = {"full_fp32": full} | {v: rows.get(f"{llm}/{quant}/{v}") for v in ("lora", "peft")}
         out[quant] = {
-            "step_wall": _step_ratios(fed, full, lora, ref, "step_seconds_median"),
-            "step_cpu": _step_ratios(fed, full, lora, ref, "step_cpu_seconds_median"),
-            "peak_rss_vs_full_fp32": fed["step_peak_rss"] / full["step_peak_rss"],
-            "peak_rss_vs_lora": fed["step_peak_rss"] / lora["step_peak_rss"],
+            "step_wall": _step_ratios(fed, refs, "step_seconds_median"),
+            "step_cpu": _step_ratios(fed, refs, "step_cpu_seconds_median"),
+        } | {
+            f"peak_rss_vs_{name}": fed["step_peak_rss"] / ref["step_peak_rss"]
+            for name, ref in refs.items()
+            if ref is not None
         }
-    fed, lora = rows[f"{llm}/none/fedadapter"], rows[f"{llm}/none/lora"]
-    lora_up = lora["wire"]["upload_per_round"]
-    out["upload_vs_fedavg_lora"] = {
-        knob: _floor(size / lora_up, FLOORS["upload_vs_fedavg_lora"])
-        for knob, size in fed["wire"]["per_knob"].items()
-    }
-    out["flops_vs_full"] = fed["train_flops"] / full["train_flops"]
-    out["flops_vs_lora"] = fed["train_flops"] / lora["train_flops"]
+    fed, lora = rows.get(f"{llm}/none/fedadapter"), rows.get(f"{llm}/none/lora")
+    if fed is not None and lora is not None:
+        lora_up = lora["wire"]["upload_per_round"]
+        out["upload_vs_fedavg_lora"] = {
+            knob: _floor(size / lora_up, FLOORS["upload_vs_fedavg_lora"])
+            for knob, size in fed["wire"]["per_knob"].items()
+        }
+        out["flops_vs_lora"] = fed["train_flops"] / lora["train_flops"]
+    if fed is not None and full is not None:
+        out["flops_vs_full"] = fed["train_flops"] / full["train_flops"]
     return out
 
 
@@ -282,6 +291,7 @@ def parse() -> argparse.Namespace:
     )
     ap.add_argument("--quick", action="store_true", help="smollm2-135m only, 1 warm-up, 3 steps")
     ap.add_argument("--llms", nargs="+", default=list(LLMS), choices=LLMS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved passes over variants")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per child")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
@@ -305,32 +315,37 @@ def parse() -> argparse.Namespace:
     return args
 
 
+def write(result: dict[str, Any], runs: dict[str, list[dict]], out: Path, done: bool) -> None:
+    """The JSON so far (after every child, so a run stopped on a busy machine keeps its rows)."""
+    rows = {key: summarise(r) for key, r in runs.items()}
+    result |= {"complete": done, "rows": rows, "runs": runs}
+    result["ratios"] = {llm: ratios(rows, llm) for llm in result["config"]["llms"]}
+    result["wall_seconds"] = round(time.time() - result["started"], 1)
+    result["loadavg_1m_at_end"] = os.getloadavg()[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     args = parse()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    started = time.time()
-    result: dict[str, Any] = {"benchmark": "llm", "machine": machine(), "started": started}
+    result: dict[str, Any] = {"benchmark": "llm", "machine": machine(), "started": time.time()}
     common = {k: getattr(args, k) for k in ("steps", "warmup", "batch", "seq", "threads")}
     result["config"] = common | {"llms": args.llms, "repeats": args.repeats, "recipe": str(CONFIG)}
+    result["config"]["variants"] = args.variants
     runs: dict[str, list[dict[str, Any]]] = {}
     for repeat in range(args.repeats):
-        for llm, quant, variant in plan(args.llms):
+        for llm, quant, variant in plan(args.llms, args.variants):
             cfg = common | {"llm": llm, "quant": quant, "variant": variant}
             res = run_child(cfg, args.timeout)
             runs.setdefault(f"{llm}/{quant}/{variant}", []).append(res)
-            step = statistics.median(res["step_seconds"])
-            print(f"repeat {repeat} {llm} {quant} {variant}: step {step:.3f} s, "
+            cpu = statistics.median(res["step_cpu_seconds"])
+            print(f"repeat {repeat} {llm} {quant} {variant}: step CPU {cpu:.3f} s, "
                   f"peak {res['step_peak_rss'] / 1e6:.0f} MB", flush=True)  # fmt: skip
-    rows = {key: summarise(r) for key, r in runs.items()}
-    result["rows"] = rows
-    result["ratios"] = {llm: ratios(rows, llm) for llm in args.llms}
-    result["runs"] = runs
-    result["wall_seconds"] = round(time.time() - started, 1)
-    result["loadavg_1m_at_end"] = os.getloadavg()[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+            write(result, runs, args.out, done=False)
+    write(result, runs, args.out, done=True)
     print(json.dumps(result["ratios"], indent=1))
     print(f"wrote {args.out} in {result['wall_seconds']} s")
 
