@@ -1,0 +1,184 @@
+"""Heads from class statistics, bridged across families, on frozen features (issue 13).
+
+    python bench/class_stats_bridge.py                 # 3 settings x 3 seeds (~10 min, 2 cores)
+    python bench/class_stats_bridge.py --settings demo-a0.1 --seeds 0
+
+What `edgetune.strategies.class_stats` would give each family's head if every device reported
+the statistics of its local training texts under the frozen backbones of the families it runs
+(the devices and shards of the demo config: four MiniLM-L6 devices that also run MiniLM-L3, two
+that run only MiniLM-L3). Rows per family, scored on the run's evaluation subset:
+
+- ``probe``: the reference row (logistic regression on every training text, normalised features);
+- ``lda_own``: LDA head from the statistics of the devices that run the family;
+- ``lda_bridged``: the same plus every other device's statistics mapped through the ridge bridge
+  fit on the devices that run both families;
+- ``lda_all``: LDA head had every device run the family (the bridge's ceiling).
+
+No training: this isolates what the statistics carry. Frozen fp32 backbones for every device
+(the run's quantization tiers are not applied). Writes bench/results/class_stats_bridge.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from benchinfo import machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgetune.client.trainer import EncodedSplit  # noqa: E402
+from edgetune.config import RunConfig, load_config  # noqa: E402
+from edgetune.data.datasets import Split  # noqa: E402
+from edgetune.data.shards import load_run_dataset, load_shard  # noqa: E402
+from edgetune.models.heads import build_task_model  # noqa: E402
+from edgetune.models.zoo import load_backbone  # noqa: E402
+from edgetune.sim.evaluator import eval_subset  # noqa: E402
+from edgetune.strategies.class_stats import (  # noqa: E402
+    ClassStats,
+    DeviceStats,
+    family_totals,
+    lda_head,
+)
+
+RESULTS = ROOT / "bench" / "results"
+DEMO = ROOT / "edgetune" / "configs" / "demo.toml"
+SECOND = '["art", "work", "literature", "linux", "songs-poems", "men-women"]'
+SETTINGS: dict[str, list[str]] = {
+    "demo": [],
+    "second-a0.3": [f"data.categories={SECOND}", "data.alpha=0.3"],
+    "demo-a0.1": ["data.alpha=0.1"],
+}
+ROWS = ["probe", "lda_own", "lda_bridged", "lda_all"]
+
+
+@torch.no_grad()
+def pooled(backbone_name: str, split: Split, config: RunConfig, n_classes: int) -> torch.Tensor:
+    """The pooled features the task's head sees (raw, as the head sees them)."""
+    backbone = load_backbone(backbone_name)
+    task = build_task_model(backbone, "classify", n_classes=n_classes).eval()
+    data = EncodedSplit(backbone, split, config.train.max_length)
+    captured: list[torch.Tensor] = []
+    hook = task.head.register_forward_hook(lambda _m, args, _o: captured.append(args[0]))
+    try:
+        for index in torch.arange(len(data)).split(64):
+            task(**data.batch(index)[0])
+    finally:
+        hook.remove()
+    return torch.cat(captured).double()
+
+
+def device_reports(config: RunConfig, n_classes: int) -> list[DeviceStats]:
+    """Every device's statistics per family it runs, and its cross products per family pair."""
+    reports = []
+    for device, group in enumerate(g for g in config.groups for _ in range(g.count)):
+        _, train, _ = load_shard(config.data, config.seed, device, config.num_devices)
+        labels = torch.as_tensor(np.asarray(train.labels))
+        feats = {b: pooled(b, train, config, n_classes) for b in group.backbones}
+        names = list(feats)
+        reports.append(
+            DeviceStats(
+                {b: ClassStats.of(x, labels, n_classes) for b, x in feats.items()},
+                {
+                    (a, b): feats[a].T @ feats[b]
+                    for i, a in enumerate(names)
+                    for b in names[i + 1 :]
+                },
+            )
+        )
+    return reports
+
+
+def lda_accuracy(stats: ClassStats | None, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
+    if stats is None:
+        return float("nan")
+    weight, bias = lda_head(stats)
+    return float(((test_x @ weight.T + bias).argmax(1) == test_y).double().mean())
+
+
+def probe_accuracy(
+    train_x: torch.Tensor, train_y: list[int], test_x: torch.Tensor, test_y: list[int]
+) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    norm = torch.nn.functional.normalize
+    classifier = LogisticRegression(C=1.0, max_iter=5000).fit(norm(train_x, dim=-1), train_y)
+    return float((classifier.predict(norm(test_x, dim=-1)) == np.asarray(test_y)).mean())
+
+
+def run_cell(sets: list[str], seed: int) -> dict[str, dict[str, float]]:
+    config = load_config(DEMO, [*sets, f"seed={seed}"])
+    dataset = load_run_dataset(config.data, config.seed)
+    n_classes = len(dataset.classes)
+    test = eval_subset(config, dataset.test)
+    test_y = torch.as_tensor(np.asarray(test.labels))
+    reports = device_reports(config, n_classes)
+    cell: dict[str, dict[str, float]] = {}
+    for family in sorted({b for g in config.groups for b in g.backbones}):
+        test_x = pooled(family, test, config, n_classes)
+        train_x = pooled(family, dataset.train, config, n_classes)
+        own = [
+            DeviceStats({family: r.families[family]}, {}) for r in reports if family in r.families
+        ]
+        every = ClassStats.of(train_x, torch.as_tensor(np.asarray(dataset.train.labels)), n_classes)
+        cell[family] = {
+            "probe": probe_accuracy(train_x, dataset.train.labels, test_x, test.labels),
+            "lda_own": lda_accuracy(family_totals(family, own), test_x, test_y),
+            "lda_bridged": lda_accuracy(family_totals(family, reports), test_x, test_y),
+            "lda_all": lda_accuracy(every, test_x, test_y),
+        }
+        print(seed, family, {k: round(100 * v, 1) for k, v in cell[family].items()}, flush=True)
+    return cell
+
+
+def markdown(table: dict[str, Any]) -> list[str]:
+    lines = []
+    for setting, families in table.items():
+        lines += [f"\n**{setting}** (mean over seeds; min-max in brackets)\n"]
+        lines += ["| family | " + " | ".join(ROWS) + " |", "|---" * (len(ROWS) + 1) + "|"]
+        for family, rows in families.items():
+            cells = [
+                f"{100 * statistics.mean(v):.1f} ({100 * min(v):.1f}-{100 * max(v):.1f})"
+                for v in (rows[r] for r in ROWS)
+            ]
+            lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    table: dict[str, Any] = {}
+    for setting in args.settings:
+        for seed in args.seeds:
+            for family, rows in run_cell(SETTINGS[setting], seed).items():
+                slot = table.setdefault(setting, {}).setdefault(family, {r: [] for r in ROWS})
+                for r in ROWS:
+                    slot[r].append(rows[r])
+    result = {
+        "machine": machine_info(
+            ["edgetune/strategies/class_stats.py", "bench/class_stats_bridge.py"]
+        ),
+        "seeds": args.seeds,
+        "table": table,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "class_stats_bridge.json").write_text(json.dumps(result, indent=1))
+    lines = markdown(table)
+    (RESULTS / "class_stats_bridge.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
