@@ -80,7 +80,7 @@ def run_cell(name: str, sets: list[str], out: Path, reuse: bool) -> dict[str, An
     summary = folder / "summary.json"
     if reuse is None and not summary.is_file():
         return None
-    if not (reuse and summary.is_file()):
+    if reuse is not None and not (reuse and summary.is_file()):
         cmd = [sys.executable, "-m", "edgetune.cli", "simulate", "--config", str(DEMO)]
         cmd += ["--out", str(folder), "--overwrite"] + [a for s in sets for a in ("--set", s)]
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +202,15 @@ def acceptance(rows: dict[str, Any], alpha_01: bool) -> dict[str, dict[str, bool
     return out
 
 
+def merge_tables(stored: Path, table: dict[str, Any]) -> dict[str, Any]:
+    """The stored table with this run's rows replacing theirs: a run of some settings, rows or
+    variants keeps the others' results (each row records its own seeds and command)."""
+    merged = json.loads(stored.read_text()).get("table", {}) if stored.is_file() else {}
+    for setting, rows in table.items():
+        merged.setdefault(setting, {}).update(rows)
+    return merged
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
@@ -218,10 +227,15 @@ def main() -> int:
     if args.no_run:
         args.reuse = None
     table = run_ablation(args) if args.ablation else run_table(args)
+    if not table:
+        print(f"no finished runs under {args.out}: {name}.json left as it was", file=sys.stderr)
+        return 1
+    table = {"ablation": table} if args.ablation else table
+    merged = merge_tables(RESULTS / f"{name}.json", table)
     result: dict[str, Any] = {"machine": machine_info(["edgetune", "kernels", "server"])}
-    result |= {"seeds": args.seeds, "table": {"ablation": table} if args.ablation else table}
+    result |= {"seeds": args.seeds, "table": merged}
     if not args.ablation:
-        result["acceptance"] = {s: acceptance(r, s.endswith("a0.1")) for s, r in table.items()}
+        result["acceptance"] = {s: acceptance(r, s.endswith("a0.1")) for s, r in merged.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     md = table_markdown(result["table"])
