@@ -109,7 +109,51 @@ class MlpWithAdapter(nn.Module):
         return self.adapter(x, residual=mlp_out.to(x.dtype))
 
 
-_WRAPPERS = {"bert_output": BertOutputWithAdapter, "mlp": MlpWithAdapter}
+class PostNormMlpWithAdapter(nn.Module):
+    """Gemma-3 block (norms before and after the MLP): post_norm(mlp(x)) + delta(x), before the
+    residual add, as in every pre-LN block; the block's own post-FFN norm is the identity while
+    the adapter is in (the handle restores it). Joined before that norm instead, a delta the size
+    of the MLP output (RMS 0.06-0.18 in Gemma-3-270M's blocks 10-17) takes over the block's
+    FFN, and the norm's gain (670-5000x there) passes it on: per unit of adapter output the
+    residual stream moved 140-570x as much as in SmolLM2's blocks 12-27 (0.1-0.25x joined
+    after the norm), and the LLM run diverged after one round."""
+
+    def __init__(self, base: nn.Module, adapter: FedAdapterLayer, post_norm: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+        self.post_norm = post_norm
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        mlp_out = self.post_norm(self.base(x, *args, **kwargs))
+        return self.adapter(x, residual=mlp_out.to(x.dtype))
+
+
+_WRAPPERS = {
+    "bert_output": BertOutputWithAdapter,
+    "mlp": MlpWithAdapter,
+    "mlp_postnorm": PostNormMlpWithAdapter,
+}
+POST_NORM = "post_feedforward_layernorm"  # the sibling of the MLP that mlp_postnorm absorbs
+
+
+def _wrap(
+    model: nn.Module,
+    style: str,
+    path: str,
+    base: nn.Module,
+    adapter: FedAdapterLayer,
+    originals: dict[str, nn.Module],
+) -> nn.Module:
+    """The wrapper of ``style``; mlp_postnorm also swaps the block's post-FFN norm for the
+    identity (recorded in ``originals``, so removal restores it)."""
+    if style != "mlp_postnorm":
+        return _WRAPPERS[style](base, adapter)
+    norm_path = f"{path.rpartition('.')[0]}.{POST_NORM}"
+    norm = model.get_submodule(norm_path)
+    originals[norm_path] = norm
+    _set_submodule(model, norm_path, nn.Identity())
+    return PostNormMlpWithAdapter(base, adapter, norm)
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -155,5 +199,7 @@ def apply_fedadapter(
         if isinstance(base, tuple(_WRAPPERS.values())):
             raise ConfigError(f"{path} already carries an adapter; remove it first")
         originals[path] = base
-        _set_submodule(model, path, _WRAPPERS[spec.ffn_style](base, layers[block]))
+        _set_submodule(
+            model, path, _wrap(model, spec.ffn_style, path, base, layers[block], originals)
+        )
     return AdapterHandle(model, spec, config, layers, anchors, originals, head)

@@ -39,7 +39,9 @@ from edgetune.models.preprocess import ImagePreprocess
 #   x is the attention output (the FFN input); delta joins before its LayerNorm.
 # - "mlp": pre-LN block; the wrapped module is the MLP(x) with x the normed input; delta joins
 #   its output before the residual add.
-FFN_STYLES = ("bert_output", "mlp")
+# - "mlp_postnorm": a block that also normalises the MLP output (Gemma-3's
+#   post_feedforward_layernorm); delta joins after that norm, before the residual add.
+FFN_STYLES = ("bert_output", "mlp", "mlp_postnorm")
 # model_type -> candidate (path template, style); the first whose modules all exist is used
 # (module trees move between transformers releases: ViT's blocks are `layers.{i}` in 5.x).
 _FFN_LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
@@ -47,7 +49,7 @@ _FFN_LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
     "vit": (("layers.{i}.mlp", "mlp"), ("encoder.layer.{i}.mlp", "mlp")),
     "gpt2": (("transformer.h.{i}.mlp", "mlp"),),
     "llama": (("model.layers.{i}.mlp", "mlp"),),
-    "gemma3_text": (("model.layers.{i}.mlp", "mlp"),),
+    "gemma3_text": (("model.layers.{i}.mlp", "mlp_postnorm"),),
 }
 #: model types loaded as *ForCausalLM (decoders with an LM head)
 CAUSAL_TYPES = ("gpt2", "llama", "gemma3_text")

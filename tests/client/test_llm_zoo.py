@@ -23,14 +23,15 @@ HELD_OUT = [  # plain English the models never saw in this form
 
 
 @pytest.mark.parametrize(
-    ("name", "model_type", "width", "depth"),
-    [("tiny-gemma3-d32-l2", "gemma3_text", 32, 2), ("tiny-llama-d48-l3", "llama", 48, 3)],
-)
-def test_tiny_decoders(name, model_type, width, depth):
+    ("name", "model_type", "width", "depth", "style"),
+    [("tiny-gemma3-d32-l2", "gemma3_text", 32, 2, "mlp_postnorm"),
+     ("tiny-llama-d48-l3", "llama", 48, 3, "mlp")],
+)  # fmt: skip
+def test_tiny_decoders(name, model_type, width, depth, style):
     backbone = load_backbone(name)
     spec = backbone.spec
     assert (spec.architecture, spec.hidden_size, spec.num_layers) == (model_type, width, depth)
-    assert spec.causal_lm and spec.ffn_style == "mlp"
+    assert spec.causal_lm and spec.ffn_style == style
     assert spec.ffn_paths == tuple(f"model.layers.{i}.mlp" for i in range(depth))
     assert load_backbone(name).spec.fingerprint == spec.fingerprint  # seeded
 

@@ -76,6 +76,34 @@ def test_training_lowers_the_loss_and_moves_only_the_adapter():
     assert samples[0]["prompt"] == "the cat" and samples[0]["continuation"]
 
 
+def test_gemma3_delta_joins_after_the_post_ffn_norm():
+    """Gemma-3 normalises the MLP output before the residual add; the adapter's delta joins
+    after that norm (as in Llama), not inside it where the norm's gain would scale it, and
+    removal restores the block."""
+    backbone = load_backbone("tiny-gemma3-d32-l2")
+    block = backbone.model.model.layers[1]
+    mlp, norm = block.mlp, block.post_feedforward_layernorm
+    batch = _features(backbone, TEXTS)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.normal_(generator=gen)  # a norm with a real gain
+        before = backbone.model(**batch).logits
+    handle = inject("fedadapter", backbone, None, AdapterConfig(rank=4, n_anchors=1),
+                    LoraConfig(), 0)  # fmt: skip
+    layer, x = handle.layers[1], torch.randn(2, 5, 32, generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(backbone.model(**batch).logits, before, atol=1e-5)  # U = 0
+        layer.U.normal_(generator=gen)
+        delta = layer(x)
+        assert float(delta.abs().max()) > 0.1
+        assert isinstance(block.post_feedforward_layernorm, torch.nn.Identity)
+        assert torch.allclose(block.mlp(x), norm(mlp(x)) + delta, atol=1e-5)
+    handle.remove()
+    assert block.mlp is mlp and block.post_feedforward_layernorm is norm
+    with torch.no_grad():
+        assert torch.allclose(backbone.model(**batch).logits, before, atol=1e-6)
+
+
 def test_classify_on_a_decoder_never_runs_the_lm_head():
     backbone = load_backbone("tiny-gemma3-d32-l2")
     calls = []
