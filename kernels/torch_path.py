@@ -6,37 +6,41 @@ Math (DESIGN.md section 3), x: [T, K], D: [K, r], C: [n, r, r], q: [n, r], U: [r
     u = z + sum_b alpha_b * y_b,      out = residual + s * (u @ U + b_U)
 
 Forward, per-layer alpha ([n]): everything after z is affine in z, so it folds into one
-r x N matrix and one N-vector before any token is touched (r*r*N work, T-independent):
+(r+1) x N matrix before any token is touched (r*r*N work, T-independent):
 
-    M = I + sum_b alpha_b C_b,  q' = sum_b alpha_b q_b
-    out = residual + z @ W + c,  W = s * M @ U,  c = s * (q' @ U + b_U)
+    M1 = [M ; q'],  M = I + sum_b alpha_b C_b,  q' = sum_b alpha_b q_b   (u = [z | 1] @ M1)
+    out = residual + z1 @ W1,  z1 = [z | 1],  W1 = s * M1 @ U + [0 ; s * b_U]
 
-so the forward is exactly the two GEMMs x @ D and z @ W plus the GELU, then `out += residual`.
-(Measured, MKL one thread, T=4096, N=768: `addmm(c, z, W).add_(residual)` 4.2 ms, while
-`addmm(residual, z, W)` or `(residual + c).addmm_(z, W)` - a full [T, N] GEMM input, beta=1 -
-take 8.8 ms.) Per-token alpha ([T, n]) cannot fold;
-all branches go through one GEMM against C_cat = [C_1 | ... | C_n] (r x n*r), mixed per token.
-The forward also returns h ([T, r], 1/K of x, kept in fp32): the eager autograd path saves it,
-so the backward does not repeat the x @ D GEMM (the registered op, which saves only inputs,
-recomputes it with the same call, bitwise equal).
+so the forward is exactly the two GEMMs x @ D and z1 @ W1 plus the GELU, then `out +=
+residual`; the bias rides on z1's ones column (MKL, one thread, T=4096, N=384: a broadcast
+bias through addmm costs a [T, N] pass, 2.6 ms against 1.4 ms for z1 @ W1; `addmm(residual,
+z1, W1)` - beta=1 - took 2.8 ms against 2.3 ms for `mm(z1, W1).add_(residual)`).
+Per-token alpha ([T, n]) cannot fold; all branches go through one GEMM against
+C_cat = [C_1 | ... | C_n] (r x n*r), mixed per token.
+The forward also returns h and z1 ([T, r] and [T, r+1], 1/K of x, kept in fp32): the eager
+autograd path saves them, so the backward neither repeats x @ D nor the GELU (the registered
+op, which saves only inputs, recomputes them with the same calls, bitwise equal).
 
-Memory traffic (forward, elements): read x (T*K), write h and z (2*T*r: rank-sized, 1/K of
-x), read residual and write out (2*T*N) - the two bare GEMMs plus the residual read.
-
-Backward (g = d out), derived by hand from h (saved or recomputed):
+Backward (g = d out), derived by hand from h, z1 (saved or recomputed):
     dU = s u^T g,  db_U = s sum_t g_t,  du = s g U^T
     dalpha_b = sum_t <du_t, z_t C_b + q_b> = <z^T du, C_b>_F + <sum_t du_t, q_b>  (per layer)
     dC_b = z^T (alpha_b du),  dq_b = sum_t alpha_b,t du_t
     dz = du + sum_b (alpha_b du) C_b^T          (per layer: du @ M^T)
     dh = dz * gelu'(h),  dD = x^T dh,  db_D = sum_t dh_t,  dx = dh D^T,  dresidual = g
-Per layer, u = z M + q' is never formed: with z1 = [z | 1] ([T, r+1]) one GEMM over g gives
-A1 = z1^T g = [z^T g ; sum_t g_t] (db_U rides along: no separate pass over g), and
-dU = s [M ; q'^T]^T A1 is an r x (r+1) x N product. G1 = z1^T du = [z^T du ; sum_t du_t] is
-accumulated in fp64: dalpha is a strongly cancelling sum (|result| ~ 1/25 of sum|terms| in the
-tests), and an fp32 G lost ~30 ulps of it; fp64 costs ~0.3 ms at T=4096.
-Big GEMMs (T x {K, N} x r): forward 2 (x@D, z@W), backward 4 (A1, du, dD, dx) - the count of
-the unfused composition, with its elementwise [T, N] passes (scale, bias, residual, their
-backward) folded away. Traffic: x read once, g twice (A1, du), dx written once.
+Per layer, neither u nor du is ever formed. One GEMM over g gives A1 = z1^T g = [z^T g ;
+sum_t g_t]; everything else about the branches is rank-sized algebra on it:
+    dU = s M1^T A1,  db_U = s A1[r],  G1 = z1^T du = s A1 U^T = [z^T du ; sum_t du_t]
+and a second GEMM over g gives dz = du M^T = g (s M U)^T against an [N, r] matrix formed once.
+G1 ([r+1, N] x [N, r]) and dalpha are computed in fp64: dalpha is a strongly cancelling sum
+(|result| ~ 1/25 of sum|terms| in the tests); at this size fp64 costs microseconds. The
+earlier form, G1 = z1^T du over T tokens, needed du ([T, r]), its scale pass, fp64 copies of
+z1 and du and an fp64 GEMM (~0.5 ms at T=4096), and dz = du M^T was one more T-sized GEMM.
+Big GEMMs (T x {K, N} x r): forward 2 (x@D, z1@W1), backward 4 (A1, dz, dD, dx) - the count
+of the unfused composition, with its elementwise [T, N] passes (scale, bias, residual, their
+backward) folded away (tests/kernels/test_op.py counts them). Traffic: x read once, g twice
+(A1, dz), dx written once; forward: x read once, out written by the GEMM, then read again
+with the residual for the add. dD is computed as (dh^T x)^T: MKL's x^T @ dh took 2.7 ms against
+1.2 ms for this layout (T=4096, K=384, r=32, one thread).
 fp16/bf16 inputs are computed in fp32 (CPUs have no fast half GEMM; fp32 accumulation is the
 contract) and rounded once on the way out; weight gradients are returned in the parameters'
 own dtype (fp32 parameters get fp32 gradients even for half activations).
@@ -57,15 +61,31 @@ def _upcast(x: Tensor, *ts: Tensor) -> list[Tensor]:
     Parameters may come in another dtype than x (fp32 master weights beside bf16 activations).
     """
     cd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    return [t.to(cd) for t in (x, *ts)]
+    return [t if t.dtype == cd else t.to(cd) for t in (x, *ts)]  # skips ~17 no-op dispatches
 
 
 def _fold(C: Tensor, q: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-layer alpha: M = I + sum_b alpha_b C_b (r x r) and q' = sum_b alpha_b q_b."""
+    """Per-layer alpha: M1 = [M ; q'] ([r+1, r]), M = I + sum_b alpha_b C_b, q' = sum_b alpha_b q_b,
+    and Cq ([n, (r+1) r]: row b is [C_b ; q_b] flattened, so M1 = I' + alpha @ Cq).
+
+    The stacked form matches z1 = [z | 1]: z1 @ M1 = z M + q' = u, in one r-sized product.
+    """
     n, r, _ = C.shape
-    M = torch.mm(alpha.unsqueeze(0), C.reshape(n, r * r)).view(r, r)
-    M.diagonal().add_(1.0)
-    return M, alpha @ q
+    Cq = torch.cat([C.reshape(n, r * r), q], 1)
+    M1 = torch.mm(alpha.unsqueeze(0), Cq).view(r + 1, r)
+    M1[:r].diagonal().add_(1.0)
+    return M1, Cq
+
+
+def _fold_up(C: Tensor, q: Tensor, alpha: Tensor, U: Tensor, b_U: Tensor, s: float) -> Tensor:
+    """W1 = [s M U ; s (q' U + b_U)] ([r+1, N]): out = z1 @ W1 with z1 = [z | 1].
+
+    The bias rides on z1's ones column: a separate broadcast bias costs MKL a [T, N] pass
+    (addmm with a vector bias measured 2.6 ms against 1.4 ms for this GEMM, T=4096, N=384).
+    """
+    W1 = torch.mm(_fold(C, q, alpha)[0], U).mul_(s)
+    W1[-1].add_(b_U, alpha=s)
+    return W1
 
 
 def _branch_cat(C: Tensor) -> Tensor:
@@ -97,15 +117,11 @@ def torch_forward_saving(
     out_dtype = x.dtype
     x, D, b_D, C, q, alpha, U, b_U = _upcast(x, D, b_D, C, q, alpha, U, b_U)
     h, z1 = _hidden(x, D, b_D)
-    z = z1[:, :-1]
     if alpha.dim() == 1:
-        M, q_fold = _fold(C, q, alpha)
-        W = torch.mm(M, U).mul_(scale)  # s * M @ U
-        c = torch.addmv(b_U, U.t(), q_fold, beta=scale, alpha=scale)  # s * (q' @ U + b_U)
+        out = torch.mm(z1, _fold_up(C, q, alpha, U, b_U, scale))  # bias rides on z1's ones
     else:
-        z, _ = _mix_tokens(z, C, q, alpha)  # z now holds u
-        W, c = U * scale, b_U * scale
-    out = torch.addmm(c, z, W)  # broadcast bias: MKL's beta=0 path
+        u, _ = _mix_tokens(z1[:, :-1], C, q, alpha)
+        out = torch.addmm(b_U, u, U, alpha=scale, beta=scale)
     if residual is not None:
         out.add_(residual)  # in place; a half residual is promoted element by element
     return out.to(out_dtype), (h, z1)
@@ -140,19 +156,22 @@ def _hidden(x: Tensor, D: Tensor, b_D: Tensor) -> tuple[Tensor, Tensor]:
 def _layer_backward(
     g: Tensor, z1: Tensor, C: Tensor, q: Tensor, alpha: Tensor, U: Tensor, scale: float
 ) -> tuple[Tensor, ...]:
-    """Per-layer alpha: (dz, dC, dq, dalpha, dU, db_U); u and sum_t g_t ride on z1 GEMMs."""
+    """Per-layer alpha: (dz, dC, dq, dalpha, dU, db_U) from two GEMMs over g; du is never formed.
+
+    A1 = z1^T g is the only T-sized reduction: dU = s M1^T A1, db_U = s A1[r], and
+    G1 = z1^T du = s A1 U^T (an [r+1, N] x [N, r] product, in fp64: dalpha cancels).
+    dz = du M^T = g (s M U)^T: one GEMM against a pre-multiplied [N, r] matrix.
+    """
     n, r, _ = C.shape
-    M, q_fold = _fold(C, q, alpha)
+    M1, Cq = _fold(C, q, alpha)
     A1 = torch.mm(z1.t(), g)  # [z^T g ; sum_t g_t]: one pass over g
-    dU = torch.mm(torch.cat([M, q_fold.unsqueeze(0)]).t(), A1).mul_(scale)  # s u^T g
-    db_U = A1[r].mul(scale)
-    du = torch.mm(g, U.t()).mul_(scale)
-    G1 = torch.mm(z1.t().double(), du.double())  # [z^T du ; sum_t du_t], fp64 (docstring)
-    G, s_du = G1[:r], G1[r]
-    dalpha = ((G.unsqueeze(0) * C).sum((1, 2)) + q.double() @ s_du).to(du.dtype)
-    dC = (alpha.view(n, 1, 1).double() * G).to(du.dtype)
-    dq = alpha.view(n, 1) * s_du.to(du.dtype)
-    return torch.mm(du, M.t()), dC, dq, dalpha, dU, db_U
+    dU = torch.mm(M1.t(), A1).mul_(scale)  # s u^T g with u = z1 M1
+    dz = torch.mm(g, torch.mm(U.t(), M1[:r].t()).mul_(scale))  # g (s M U)^T
+    G1 = torch.mm(A1.double(), U.t().double()).mul_(scale)  # [z^T du ; sum_t du_t]
+    dalpha = torch.mv(Cq.double(), G1.view(-1)).to(dz.dtype)  # <G, C_b>_F + <sum du, q_b>
+    G1 = G1.to(dz.dtype)
+    dC = alpha.view(n, 1, 1) * G1[:r]
+    return dz, dC, alpha.view(n, 1) * G1[r], dalpha, dU, A1[r].mul(scale)
 
 
 def _tokens_backward(
@@ -200,7 +219,7 @@ def torch_backward(
     dz, dC, dq, dalpha, dU, db_U = mix(g, z1, C, q, alpha, U, scale)
     dh = torch.ops.aten.gelu_backward(dz, h)  # dz * gelu'(h), one fused elementwise pass
     del dz
-    dD = torch.mm(x.t(), dh)
+    dD = torch.mm(dh.t(), x).t().contiguous()  # the fast MKL layout (module docstring)
     dx = torch.mm(dh, D.t()) if need_dx else None
     grads = (dx, dD, dh.sum(0), dC, dq, dalpha, dU, db_U)
     return tuple(  # type: ignore[return-value]

@@ -80,3 +80,19 @@ EXTRA = [
 def test_odd_shapes(case: Case, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KERNEL_ENV, path)
     check_case(case, seed=1)
+
+
+# The benchmark's shape (bench/bench_kernels.py) on the PyTorch path only (the interpreter would
+# take hours): with per-layer alpha every T-sized reduction of the backward is one fp32 GEMM
+# (A1 = [z | 1]^T g over 4096 tokens), so the accuracy rule is checked where sums are long.
+BENCH_SHAPES = [
+    Case(4096, 384, 32, 3, False, True, torch.float32),
+    Case(1024, 384, 32, 3, False, True, torch.bfloat16),
+    Case(4096, 384, 32, 3, True, True, torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", BENCH_SHAPES, ids=lambda c: c.id)
+def test_torch_path_at_benchmark_shape(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KERNEL_ENV, "torch")
+    check_case(case, seed=2)

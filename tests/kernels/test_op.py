@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
 from kernel_cases import SCALE, Case, make_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgetune.kernels import (
@@ -20,6 +23,7 @@ from edgetune.kernels import (
     op,
     reference_adapter,
 )
+from edgetune.kernels.torch_path import torch_backward, torch_forward_saving
 
 PARAMS = ("x", "D", "b_D", "C", "q", "alpha", "U", "b_U")
 
@@ -244,11 +248,14 @@ def test_torch_export_sees_one_node() -> None:
     assert torch.ops.edgetune.fused_adapter.default in targets
 
 
+@pytest.mark.parametrize("per_token", [False, True], ids=["layer", "token"])
 @pytest.mark.parametrize("path", ["torch", "triton", "reference"])
-def test_custom_op_and_eager_fast_path_agree(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_custom_op_and_eager_fast_path_agree(
+    path: str, per_token: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The registered op (what tracers see) and the eager autograd.Function run the same code."""
     monkeypatch.setenv(KERNEL_ENV, path)
-    case = Case(9, 16, 8, 3, True, True, torch.float32, d_out=12)
+    case = Case(9, 16, 8, 3, per_token, True, torch.float32, d_out=12)
     results = []
     for call in ("eager", "op"):
         ts = _tensors(case, torch.float32)
@@ -267,3 +274,41 @@ def test_fast_path_steps_aside_under_dispatch_modes() -> None:
     assert op.eager_fast_path_ok()
     with FlopCounterMode(display=False):
         assert not op.eager_fast_path_ok()
+
+
+# ------------------------------------------------------------------------------ CPU path passes
+
+
+class _TokenSizedOps(TorchDispatchMode):
+    """Counts the non-view ATen ops that read or write a tensor with a dimension of size T."""
+
+    def __init__(self, T: int) -> None:
+        super().__init__()
+        self.T, self.ops = T, Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = tree_flatten((args, kwargs, out))[0]
+        if not func.is_view and any(
+            isinstance(t, torch.Tensor) and self.T in t.shape for t in flat
+        ):
+            self.ops[func.overloadpacket.__name__] += 1
+        return out
+
+
+@pytest.mark.parametrize("need_dx", [True, False])
+def test_cpu_path_layer_alpha_passes_over_token_data(need_dx: bool) -> None:
+    """Per-layer alpha, fp32: the forward touches [T, *] data in 2 GEMMs (bias folded into the
+    second) plus the GELU, the ones column and the residual add; the backward in 4 GEMMs (3
+    without dx) plus gelu_backward and db_D's sum: no du, no fp64 copy of a [T, *] tensor."""
+    T, K, N, r, n = 97, 40, 24, 8, 3  # T is no other size here
+    ts = _tensors(Case(T, K, r, n, False, True, torch.float32, d_out=N), torch.float32, False)
+    with _TokenSizedOps(T) as fwd:
+        out, saved = torch_forward_saving(*ts[:8], SCALE, ts[8])
+    gemms = {"mm", "addmm"}
+    assert sum(fwd.ops[k] for k in gemms) == 2, fwd.ops
+    assert set(fwd.ops) == gemms | {"new_empty", "gelu", "copy_", "fill_", "add_"}, fwd.ops
+    g = torch.randn_like(out)
+    with _TokenSizedOps(T) as bwd:
+        torch_backward(g, *ts[:8], SCALE, need_dx=need_dx, saved=saved)
+    assert bwd.ops == Counter({"mm": 3 + need_dx, "gelu_backward": 1, "sum": 1}), bwd.ops
