@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgetune.protocol import PROTOCOL_VERSION
+from edgetune.protocol import PROTOCOL_VERSION, REGISTER_CARD
 from edgetune.strategies.base import GLOBAL, family_model
 
 from .page import PAGE
@@ -67,6 +67,12 @@ class RegisterRequest(BaseModel):
     )
     tier: str = Field(
         "default", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="quantization/rank tier label"
+    )
+    card: dict[str, Any] | None = Field(
+        None,
+        alias=REGISTER_CARD,
+        description="ClientCard as JSON (edgetune.protocol.ClientCard.to_dict): the head's class "
+        "names; pinned per family, other names are refused (409 classes_mismatch)",
     )
 
 
@@ -239,7 +245,7 @@ def _install_client_routes(app: FastAPI, coord: Coordinator) -> None:
         join = _bearer(request)
         timeout_s = coord.config.body_timeout_s
         body = _parse_register(await _read_body(request, MAX_JSON_BYTES, timeout_s))
-        return await run_in_threadpool(coord.register, join, body.spec, body.tier)
+        return await run_in_threadpool(coord.register, join, body.spec, body.tier, body.card)
 
     @app.get("/v1/rounds/current", tags=["rounds"])
     async def current_round(request: Request) -> dict[str, Any]:

@@ -5,13 +5,20 @@ Written after every closed round (the last one included) in the format `simulate
 their wire names, with the metadata `edgetune export --adapter` needs. The server sees specs,
 not models, so the metadata comes from what it holds: family and fingerprint from the pinned
 spec, the adapter config from the run config at the spec's rank, anchors, gate and first block,
-the backbone from the run's ``[[group]]`` tables where one of them names the family. Class
-names are known to clients only: ``export`` then names them ``class0..`` unless ``--labels``.
+the backbone from the run's ``[[group]]`` tables where one of them names the family, the class
+names from the card the family's clients sent at registration (`edgetune.protocol.card`).
+
+LoRA runs: the stored B factors are in wire form (``B * alpha / rank``); the final adapter holds
+them as a LoRA handle of the family's rank holds them (what `simulate` writes), and the same
+tensors also land in PEFT's own format under ``final/<family>/peft/``
+(`edgetune.protocol.peft`), except for FLoRA, whose clients fold every round's factors into
+their weights: the server holds only the last round's factors, not the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +31,18 @@ from edgetune.protocol import (
     KIND_LORA,
     META_ADAPTER_CONFIG,
     META_BACKBONE,
+    META_CLASSES,
     META_FAMILY,
     META_FINGERPRINT,
     META_GROUPS,
     AdapterSpec,
+    ClientCard,
     decode_payload,
 )
 from edgetune.protocol.final import FINAL_DIR, write_final
+from edgetune.protocol.peft import PEFT_DIR, unscale_wire_lora, write_peft_folder
 from edgetune.strategies.base import GLOBAL, family_model
+from edgetune.strategies.lora import FLoRAStrategy
 
 from .registry import log
 from .storage import Storage
@@ -61,7 +72,9 @@ def adapter_config_json(run: RunConfig, spec: AdapterSpec) -> str:
     return section_json(config)
 
 
-def final_metadata(run: RunConfig, spec: AdapterSpec, groups: list[str]) -> dict[str, str]:
+def final_metadata(
+    run: RunConfig, spec: AdapterSpec, groups: list[str], card: ClientCard | None = None
+) -> dict[str, str]:
     meta = {
         META_FAMILY: spec.family,
         META_FINGERPRINT: spec.fingerprint,
@@ -71,6 +84,8 @@ def final_metadata(run: RunConfig, spec: AdapterSpec, groups: list[str]) -> dict
     backbone = backbone_of(run, spec.family)
     if backbone is not None:
         meta[META_BACKBONE] = backbone
+    if card is not None and card.classes:
+        meta[META_CLASSES] = json.dumps(list(card.classes))
     return meta
 
 
@@ -101,14 +116,36 @@ def write_finals(run: RunConfig, storage: Storage) -> list[Path]:
     written = []
     for family in storage.families():
         try:
-            spec_json = storage.family_spec(family)
-            tensors, groups, version = _family_tensors(storage, family)
-            if spec_json is None or version < 0:
-                continue
-            meta = final_metadata(run, AdapterSpec.from_json(spec_json), groups)
-            written.append(
-                write_final(storage.state_dir / FINAL_DIR / family, tensors, meta, version)
-            )
+            path = write_family_final(run, storage, family)
         except (OSError, ValueError) as exc:
             log.error("final model of family %s not written: %s", family, exc)
+            continue
+        if path is not None:
+            written.append(path)
     return written
+
+
+def write_family_final(run: RunConfig, storage: Storage, family: str) -> Path | None:
+    """``final/<family>/`` (and its ``peft/`` for LoRA) from the stored models and the
+    family's card; None while the family has no model yet."""
+    spec_json = storage.family_spec(family)
+    tensors, groups, version = _family_tensors(storage, family)
+    if spec_json is None or version < 0:
+        return None
+    spec = AdapterSpec.from_json(spec_json)
+    card_json = storage.family_card(family)
+    card = ClientCard.from_json(card_json) if card_json else None
+    meta = final_metadata(run, spec, groups, card)
+    folder = storage.state_dir / FINAL_DIR / family
+    if spec.kind == KIND_LORA:
+        tensors = unscale_wire_lora(tensors, run.lora.alpha)
+    if spec.kind == KIND_LORA and run.strategy != FLoRAStrategy.name:
+        write_peft_folder(
+            folder / PEFT_DIR,
+            tensors,
+            alpha=run.lora.alpha,
+            dropout=run.lora.dropout,
+            base=meta.get(META_BACKBONE),
+            classes=card.classes if card else (),
+        )
+    return write_final(folder, tensors, meta, version)  # model.json, written last, dates it

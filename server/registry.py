@@ -23,6 +23,7 @@ from edgetune.config import RunConfig, ServerConfig
 from edgetune.protocol import (
     MAX_HEADER_BYTES,
     AdapterSpec,
+    ClientCard,
     ProtocolError,
     decode_payload,
     encode_model,
@@ -121,10 +122,21 @@ class Registry:
         return self.authenticate(token)
 
     # -- registration ----------------------------------------------------------------------
-    def register(self, join_token: str, spec_data: Mapping[str, Any], tier: str) -> dict[str, Any]:
+    def register(
+        self,
+        join_token: str,
+        spec_data: Mapping[str, Any],
+        tier: str,
+        card_data: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A new client of ``spec_data``; its card (class names), when sent, must describe that
+        spec and agree with the card its family's first client pinned (409 otherwise)."""
         self.check_join_token(join_token)
         try:
             spec = AdapterSpec.from_dict(spec_data)
+            card = None if card_data is None else ClientCard.from_dict(card_data)
+            if card is not None:
+                card.check_spec(spec)
         except ProtocolError as exc:
             raise ApiError(422, exc.code, exc.message) from exc
         self._check_cost(spec)
@@ -140,6 +152,8 @@ class Registry:
             self._check_room(pinned is None)
             if pinned is None:
                 self._pin_family(txn, spec)
+            if card is not None:
+                self._pin_card(txn, card)
             self.storage.insert_client(txn.conn, record, hash_token(token))
         log_event("client_registered", client=client_id, family=spec.family, tier=tier)
         return {
@@ -149,6 +163,17 @@ class Registry:
             "spec": spec.to_dict(),
             "tier": tier,
         }
+
+    def _pin_card(self, txn: Txn, card: ClientCard) -> None:
+        """Under the lock: pin the family's first card, or check ``card`` against it."""
+        pinned_json = self.storage.family_card(card.family, txn.conn)
+        if pinned_json is None:
+            self.storage.pin_card(txn.conn, card.family, card.to_json())
+            txn.later("card_pinned", family=card.family, classes=len(card.classes))
+            return
+        reason = card.disagreement(ClientCard.from_json(pinned_json))
+        if reason is not None:
+            raise ApiError(409, "classes_mismatch", reason)
 
     def _check_rate(self) -> None:
         """At most ``server.registrations_per_minute`` registration attempts (with a valid join

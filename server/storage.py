@@ -28,6 +28,8 @@ from typing import Any
 from .blobs import BlobStore
 from .records import ClientRecord, RoundRecord, UpdateRecord
 
+#: Tables added later (``family_cards``) are created by ``CREATE TABLE IF NOT EXISTS`` in an
+#: older state dir too, so the version changes only when an existing table changes.
 SCHEMA_VERSION = 1
 #: Read-only SQLite connections open at once (each holds a few file descriptors).
 MAX_READERS = 8
@@ -60,6 +62,9 @@ CREATE TABLE IF NOT EXISTS round_metrics(
     round_id INTEGER NOT NULL, family TEXT NOT NULL, tier TEXT NOT NULL, key TEXT NOT NULL,
     value REAL NOT NULL, PRIMARY KEY (round_id, family, tier, key));
 CREATE TABLE IF NOT EXISTS counters(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS family_cards(
+    family TEXT PRIMARY KEY REFERENCES families(family), card_json TEXT NOT NULL,
+    created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS revoked(
     client_id TEXT PRIMARY KEY REFERENCES clients(client_id), revoked_at REAL NOT NULL);
 """
@@ -209,6 +214,14 @@ class Storage:
         conn.execute(
             "INSERT INTO families VALUES (?, ?, ?, ?)", (family, spec_json, family_key, now())
         )
+
+    def family_card(self, family: str, conn: sqlite3.Connection | None = None) -> str | None:
+        """The card (class names) pinned for ``family`` by its first client that sent one."""
+        rows = self._read(conn, "SELECT card_json FROM family_cards WHERE family=?", (family,))
+        return rows[0]["card_json"] if rows else None
+
+    def pin_card(self, conn: sqlite3.Connection, family: str, card_json: str) -> None:
+        conn.execute("INSERT INTO family_cards VALUES (?, ?, ?)", (family, card_json, now()))
 
     def insert_client(self, conn: sqlite3.Connection, rec: ClientRecord, token_hash: str) -> None:
         conn.execute(

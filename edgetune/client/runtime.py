@@ -23,6 +23,7 @@ from edgetune.client.trainer import EncodedSplit, evaluate, measure_step_flops, 
 from edgetune.client.transport import ServerClient, ServerError
 from edgetune.config import RunConfig
 from edgetune.data.shards import load_shard
+from edgetune.errors import ConfigError
 from edgetune.models.heads import build_task_model
 from edgetune.models.zoo import Backbone, load_backbone
 from edgetune.protocol import (
@@ -30,7 +31,9 @@ from edgetune.protocol import (
     META_GROUPS,
     META_ROUND,
     QUANT_NONE,
+    ClientCard,
     ErrorFeedback,
+    ProtocolError,
     UpdateMeta,
     bundles_to_send,
     compress_update,
@@ -133,10 +136,19 @@ class ClientRuntime:
         self.files.write_state(self.state)
 
     # -- the round loop ----------------------------------------------------------------
+    def card(self) -> ClientCard:
+        """What this client tells the server at registration: its family and the class names
+        of its head in row order (none for the lm task, which trains no head)."""
+        classes = tuple(self.handle.classes) if self.n_classes else ()
+        try:
+            return ClientCard(self.spec.family, classes)
+        except ProtocolError as err:  # the server would refuse it: say so before registering
+            raise ConfigError(f"{self.config.data.dataset}: {err.message}") from err
+
     def register(self) -> None:
         if self.state.get("token"):
             return
-        reg = self.server.register(self.join_token, self.spec, self.tier)
+        reg = self.server.register(self.join_token, self.spec, self.tier, self.card())
         self.state.update(client_id=reg.client_id, token=reg.token, family=reg.family)
         self._save_state()
         log.info("registered as %s (family %s, tier %s)", reg.client_id, reg.family, self.tier)
@@ -174,10 +186,16 @@ class ClientRuntime:
         self._log_round(round_id, metrics, up, down)
         return metrics
 
-    def _upload(
-        self, path: str, round_id: int, sent_global: dict[str, torch.Tensor], metrics: dict
-    ) -> None:
-        """Encode and PUT this round's update; the int8 residual changes only if it lands."""
+    def encode_update(
+        self, round_id: int, sent_global: dict[str, torch.Tensor], metrics: dict[str, float]
+    ) -> tuple[dict[str, torch.Tensor], UpdateMeta, ErrorFeedback]:
+        """This round's update in wire form: (tensors, header, the int8 residual it leaves).
+
+        One definition for every transport (HTTP here, Flower messages in
+        `edgetune.sim.flower.node`), so both engines send the same bytes. The residual is
+        returned, not committed: the caller adopts it only once the server has accepted the
+        update (a refused or late update must not move the error feedback).
+        """
         comm, final = self.config.comm, self.config.rounds
         bundles = bundles_to_send(self.spec, round_id, comm.family_every, final)
         tensors = self.hooks.upload_tensors(self.handle, sent_global)
@@ -189,11 +207,19 @@ class ClientRuntime:
             round_id=round_id,
             spec_hash=self.spec.spec_hash,
             fingerprint=self.spec.fingerprint,
-            num_samples=max(1, metrics["samples"]),
+            num_samples=max(1, int(metrics["samples"])),
+            dtype=self.spec.dtype,
             metrics=metrics,
             compression=compression,
             bundles=bundles,
         )
+        return tensors, meta, pending
+
+    def _upload(
+        self, path: str, round_id: int, sent_global: dict[str, torch.Tensor], metrics: dict
+    ) -> None:
+        """Encode and PUT this round's update; the int8 residual changes only if it lands."""
+        tensors, meta, pending = self.encode_update(round_id, sent_global, metrics)
         try:
             self.server.upload(path, tensors, meta)
         except ServerError as err:

@@ -19,7 +19,14 @@ import httpx
 import torch
 
 from edgetune.errors import EdgeTuneError
-from edgetune.protocol import AdapterSpec, UpdateMeta, decode_payload, encode_payload
+from edgetune.protocol import (
+    REGISTER_CARD,
+    AdapterSpec,
+    ClientCard,
+    UpdateMeta,
+    decode_payload,
+    encode_payload,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +125,14 @@ class ServerClient:
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/v1/health").json()
 
-    def register(self, join_token: str, spec: AdapterSpec, tier: str) -> Registration:
-        body = {"spec": spec.to_dict(), "tier": tier}
+    def register(
+        self, join_token: str, spec: AdapterSpec, tier: str, card: ClientCard | None = None
+    ) -> Registration:
+        """Exchange the join token for this client's token; ``card`` tells the server the
+        class names of the head (it writes them into the family's final model)."""
+        body: dict[str, Any] = {"spec": spec.to_dict(), "tier": tier}
+        if card is not None:
+            body[REGISTER_CARD] = card.to_dict()
         answer = self._request("POST", "/v1/register", token=join_token, json=body).json()
         self.token = answer["token"]
         return Registration(answer["client_id"], answer["token"], answer["family"])

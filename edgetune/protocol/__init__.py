@@ -1,16 +1,20 @@
 """edgetune.protocol: the wire contract both sides import (it imports neither side).
 
 Rooms: `names` (tensor wire names, groups, bundles, metadata keys, modes; torch-free), `spec`
-(AdapterSpec and the upload schema; torch-free), `codec` (safetensors payloads), `update`
+(AdapterSpec and the upload schema; torch-free), `card` (the client card: class names sent
+at registration; torch-free), `codec` (safetensors payloads), `update`
 (update metadata), `compression` (int8 codec, error feedback, bundle selection), `initial`
-(round-0 tensors) and `final` (the final-model folder every run writes per family). Names
+(round-0 tensors), `final` (the final-model folder every run writes per family) and `peft`
+(LoRA factors as a PEFT adapter folder, from tensors alone). Names
 load on first use, so the torch-free facts cost no torch import.
 
 HTTP flow (all under ``/v1``; errors are JSON ``{"error": code, "detail": message, ...}``):
 
 1. ``POST /v1/register`` with ``Authorization: Bearer <join token>`` and JSON
-   ``{"spec": AdapterSpec.to_dict(), "tier": "nf4"}`` -> 201 ``{"client_id", "token", ...}``.
-   The first spec of a family is pinned; a different one is 409 ``spec_mismatch``.
+   ``{"spec": AdapterSpec.to_dict(), "tier": "nf4", "card": ClientCard.to_dict()}`` -> 201
+   ``{"client_id", "token", ...}``. The first spec of a family is pinned; a different one is
+   409 ``spec_mismatch``. The card (optional; class names) is pinned likewise: other class
+   names are 409 ``classes_mismatch``, a malformed card 422 ``bad_card``.
 2. ``GET /v1/rounds/current`` (``Authorization: Bearer <client token>``) -> round number,
    state, deadline, ``accepting``, ``downloads`` and the ``upload`` path.
 3. ``GET /v1/global`` and ``GET /v1/families/<family>`` -> safetensors (header
@@ -33,6 +37,7 @@ __getattr__, __dir__, __all__ = lazy_face(
     {
         "names": tuple(_names.__all__),
         "spec": ("AdapterSpec", "ProtocolError", "TensorSpec", "first_block_of"),
+        "card": ("CARD_BOUNDS", "ClientCard"),
         "codec": (
             "MAX_HEADER_BYTES",
             "Payload",
@@ -57,5 +62,6 @@ __getattr__, __dir__, __all__ = lazy_face(
         ),
         "initial": ("family_seed", "initial_tensors"),
         "final": ("FINAL_ADAPTER", "FINAL_CARD", "FINAL_DIR", "final_card", "write_final"),
+        "peft": ("PEFT_DIR", "unscale_wire_lora", "write_peft_folder"),
     },
 )

@@ -30,6 +30,10 @@ __all__ = [
     "BRANCHES",
     "BUNDLE_FAMILY",
     "BUNDLE_GLOBAL",
+    "CARD_CLASSES",
+    "CARD_FAMILY",
+    "CARD_VERSION",
+    "CARD_VERSION_KEY",
     "COMPRESSIONS",
     "COMPRESSION_INT8",
     "COMPRESSION_NONE",
@@ -71,6 +75,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "QUANT_MODES",
     "QUANT_NONE",
+    "REGISTER_CARD",
     "SCALE_SUFFIX",
     "UPDATE_ENCODING",
     "UPLOAD_GROUPS",
@@ -132,6 +137,15 @@ META_ADAPTER_CONFIG = "edgetune.adapter_config"
 META_GROUPS = "edgetune.groups"
 META_BACKBONE = "edgetune.backbone"  # the zoo name or folder the adapter was trained on
 META_CLASSES = "edgetune.classes"  # JSON list of the head's class names, in order
+
+# -- the client card (`edgetune.protocol.card`), sent with a registration --------------------
+#: Key of the card in the ``POST /v1/register`` JSON body (beside ``spec`` and ``tier``).
+REGISTER_CARD = "card"
+#: The card's own version: a server refuses a card whose version it does not read.
+CARD_VERSION = 1
+CARD_VERSION_KEY = "version"
+CARD_FAMILY = "family"
+CARD_CLASSES = "classes"  # the head's class names, in row order
 
 PAYLOAD_UPDATE = "update"
 PAYLOAD_GLOBAL = "global"

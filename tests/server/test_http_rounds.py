@@ -182,7 +182,7 @@ def test_health_openapi_and_register_errors(live_server) -> None:
     r = httpx.post(f"{srv.url}/v1/register", content=b"[" * 100_000, headers=join)
     assert r.status_code == 422 and r.json()["error"] == "bad_request"
     body_schema = schema["paths"]["/v1/register"]["post"]["requestBody"]["content"]
-    assert set(body_schema["application/json"]["schema"]["properties"]) == {"spec", "tier"}
+    assert set(body_schema["application/json"]["schema"]["properties"]) == {"spec", "tier", "card"}
 
 
 def test_lora_hetlora_over_http(live_server) -> None:

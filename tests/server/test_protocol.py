@@ -156,3 +156,90 @@ def test_wire_names_are_built_and_read_in_one_place() -> None:
     assert not in_group("family.layer0.D", "head")
     spec = minilm_spec()  # the spec's schema uses the same builders
     assert set(spec.global_tensors()) == {global_name(k, leaf) for k in (1, 2) for leaf in "Cq"}
+
+
+# -- the client card (class names sent at registration) ------------------------------------------
+def _card(**kw: object) -> dict[str, object]:
+    return {"version": 1, "family": "minilm-l6", "classes": ["arts", "law", "food", "war"], **kw}
+
+
+def test_card_roundtrip_and_spec_check() -> None:
+    from edgetune.protocol import ClientCard
+
+    card = ClientCard.from_dict(_card())
+    assert card.classes == ("arts", "law", "food", "war")
+    assert ClientCard.from_json(card.to_json()) == card and card.to_dict() == _card()
+    card.check_spec(minilm_spec())  # 4 names for a head of 4 classes: fine
+    with pytest.raises(ProtocolError, match=r"4 class names for a head of 3 classes"):
+        card.check_spec(minilm_spec(n_classes=3))
+    with pytest.raises(ProtocolError, match=r"card family 'minilm-l6' != spec family 'other'"):
+        card.check_spec(minilm_spec(family="other"))
+    ClientCard.from_dict(_card(classes=[])).check_spec(minilm_spec(n_classes=0))  # lm task
+    pinned = ClientCard.from_dict(_card(classes=["arts", "law", "food", "wars"]))
+    assert card.disagreement(card) is None
+    assert "classes[3] is 'war', pinned 'wars'" in (card.disagreement(pinned) or "")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_card(version=2), "card version 2 is not supported"),
+        ({"family": "minilm-l6", "classes": []}, "card version None is not supported"),
+        (_card(version=True), "card version True"),
+        (_card(extra=1), r"unknown card fields: \['extra'\]"),
+        (_card(classes="arts"), "card classes must be a list"),
+        (_card(classes=["arts", 3]), r"classes\[1\]=3 must be a printable string"),
+        (_card(classes=["arts", ""]), r"classes\[1\]='' must be a printable"),
+        (_card(classes=["a\nb"]), r"classes\[0\]='a\\nb' must be a printable"),
+        (_card(classes=["x" * 129]), "of 1..128 characters"),
+        (_card(classes=[str(i) for i in range(4097)]), "lists 4097 classes; at most 4096"),
+        (_card(classes=["arts", "law", "arts"]), "'arts' is listed twice"),
+        (_card(family=""), "card family='' must be a non-empty string"),
+        ([1, 2], "card must be a JSON object"),
+    ],
+)
+def test_bad_cards_are_refused_by_name(data: object, message: str) -> None:
+    from edgetune.protocol import ClientCard
+
+    with pytest.raises(ProtocolError, match=message) as info:
+        ClientCard.from_dict(data)
+    assert info.value.code == "bad_card" and "\n" not in info.value.message
+
+
+def test_the_server_checks_cards_and_pins_the_first_per_family(live_server) -> None:  # type: ignore[no-untyped-def]
+    """Over HTTP: a malformed card or one that does not fit the spec is a 422 ``bad_card``;
+    a second client of the family with other class names is a 409 ``classes_mismatch``, and
+    the family keeps taking clients that agree (or send no card)."""
+    import httpx
+
+    from .conftest import JOIN_TOKEN, small_spec
+
+    srv = live_server(min_clients=5)
+    spec = small_spec()  # family fam-a, 3 classes
+    http = httpx.Client(base_url=srv.url, timeout=30)
+
+    def register(card: object, **extra: object) -> httpx.Response:
+        body = {"spec": spec.to_dict(), "tier": "fp32", "card": card, **extra}
+        return http.post(
+            "/v1/register", json=body, headers={"Authorization": f"Bearer {JOIN_TOKEN}"}
+        )
+
+    good = {"version": 1, "family": "fam-a", "classes": ["ant", "bee", "cat"]}
+    for card, needle in [
+        ({**good, "classes": ["ant", "bee"]}, "2 class names for a head of 3 classes"),
+        ({**good, "family": "fam-b"}, "card family 'fam-b' != spec family 'fam-a'"),
+        ({**good, "version": 7}, "card version 7 is not supported"),
+        ({**good, "classes": ["ant", "bee", "c\x00t"]}, r"classes[2]='c\x00t' must be"),
+        ("not an object", "card: Input should be an object"),
+    ]:
+        answer = register(card)
+        assert answer.status_code == 422, answer.text
+        assert needle in answer.json()["detail"] and "\n" not in answer.json()["detail"]
+    assert srv.storage.families() == []  # nothing was pinned by a refused registration
+    assert register(good).status_code == 201
+    other = register({**good, "classes": ["ant", "cat", "bee"]})
+    assert other.status_code == 409 and other.json()["error"] == "classes_mismatch"
+    assert "classes[1] is 'cat', pinned 'bee'" in other.json()["detail"]
+    assert register(good).status_code == 201 and register(None).status_code == 201
+    assert json.loads(srv.storage.family_card("fam-a") or "{}")["classes"] == good["classes"]
+    http.close()

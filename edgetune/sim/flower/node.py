@@ -21,14 +21,7 @@ import torch
 
 from edgetune.client.runtime import ClientRuntime
 from edgetune.client.trainer import EncodedSplit, evaluate
-from edgetune.protocol import (
-    GROUP_GLOBAL,
-    ErrorFeedback,
-    UpdateMeta,
-    bundles_to_send,
-    compress_update,
-    select_bundles,
-)
+from edgetune.protocol import GROUP_GLOBAL, ErrorFeedback, UpdateMeta
 
 log = logging.getLogger(__name__)
 
@@ -96,26 +89,11 @@ class NodeRuntime(ClientRuntime):
     def _encode(
         self, round_id: int, sent_global: TensorDict, metrics: dict[str, float]
     ) -> tuple[TensorDict, UpdateMeta]:
-        comm, final = self.config.comm, self.config.rounds
-        bundles = bundles_to_send(self.spec, round_id, comm.family_every, final)
-        tensors = self.hooks.upload_tensors(self.handle, sent_global)
-        tensors = select_bundles(tensors, self.spec, bundles)
-        pending = self.error_feedback.clone()
-        tensors, compression = compress_update(tensors, pending, comm.compression)
+        """`ClientRuntime.encode_update`; its residual waits on disk for ``accepted_round``."""
+        tensors, meta, pending = self.encode_update(round_id, sent_global, metrics)
         if pending.residual:
             self.files.write_tensors(PENDING_FEEDBACK, pending.state_dict())
             self.state["pending_feedback_round"] = round_id
-        meta = UpdateMeta(
-            family=self.spec.family,
-            round_id=round_id,
-            spec_hash=self.spec.spec_hash,
-            fingerprint=self.spec.fingerprint,
-            num_samples=max(1, int(metrics["samples"])),
-            dtype=self.spec.dtype,
-            metrics=metrics,
-            compression=compression,
-            bundles=bundles,
-        )
         return tensors, meta
 
     def _settle_feedback(self, accepted: int) -> None:
