@@ -57,6 +57,14 @@ def test_server_names_a_missing_join_token_file(tmp_path):
     assert f"join token file {missing} does not exist" in err
 
 
+def test_a_server_url_without_a_scheme_is_one_line_not_a_retry_loop():
+    """Issue 17: `--server 127.0.0.1:PORT` was retried for 44 s and then reported as a 503."""
+    proc = _run("client", "--server", "127.0.0.1:8080", "--join-token", "t")
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.count("\n") == 0 and "Traceback" not in err
+    assert "client.url='127.0.0.1:8080'" in err and "http://" in err
+
+
 def test_verbose_anywhere_version_and_positive_clients():
     assert _run("zoo", "-v").returncode == 0 and _run("-v", "zoo").returncode == 0
     version = _run("--version")

@@ -93,6 +93,18 @@ def test_a_restarted_client_resumes_with_its_private_branch(server, tmp_path):
     assert status["current"]["finished"]
 
 
+def test_joining_a_finished_server_says_so(server, tmp_path, caplog):
+    """Issue 17: a client joining a finished server exited 0 with 0 rounds and no message."""
+    first = ClientRuntime(_config(server, tmp_path / "a"), JOIN)
+    first.run()  # rounds=2, min_clients=1: the run finishes
+    token = json.loads((tmp_path / "a" / "client.json").read_text())["token"]
+    assert ServerClient(server, token=token).status()["current"]["finished"]
+    with caplog.at_level("WARNING", logger="edgetune"):
+        ClientRuntime(_config(server, tmp_path / "late"), JOIN).run()
+    late = [r.getMessage() for r in caplog.records if "already finished" in r.getMessage()]
+    assert late == [f"the server at {server} has already finished its rounds; nothing to train"]
+
+
 def test_unreachable_server_is_retried_then_named():
     client = ServerClient(f"http://127.0.0.1:{_free_port()}", retries=2, backoff_s=0.01)
     start = time.monotonic()
