@@ -54,7 +54,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from edgetune.sim.references import run_reference
 
     overrides = list(args.overrides) + ([f"strategy={args.strategy}"] if args.strategy else [])
-    config = load_config(args.config or DEMO_CONFIG, overrides)
+    config_file = Path(args.config or DEMO_CONFIG)
+    config = load_config(config_file, overrides)
     if not config.strategy_def.reference:
         check_runnable(config)
     flower = getattr(args, "engine", ENGINES[0]) == "flower" and _flower_ready(config)
@@ -65,8 +66,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     run = run_reference if config.strategy_def.reference else run_simulation
     if flower:
         from edgetune.sim.flower.engine import run_flower as run
+    named = {} if config.strategy_def.reference else {"name": config_file.stem}
     try:
-        summary = run(config, args.out)
+        summary = run(config, args.out, **named)
     except BaseException:
         if not args.resume and not _trained(args.out):
             shutil.rmtree(args.out, ignore_errors=True)  # nothing worth keeping

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from edgetune.config import ClientConfig, RunConfig, config_to_dict
 from edgetune.errors import ConfigError, EdgeTuneError
 from edgetune.sim.evaluator import FamilyEvaluator, evaluation_plan
-from edgetune.sim.report import RoundTable, write_plots
+from edgetune.sim.report import RoundTable, plot_title, write_plots
 
 log = logging.getLogger(__name__)
 
@@ -314,11 +314,13 @@ class Simulation:
         return results
 
 
-def run_simulation(config: RunConfig, out: Path, shards: ShardPlan | None = None) -> dict[str, Any]:
-    """Run ``config`` (a federated or local strategy) into ``out``; reference rows are
-    `edgetune.sim.references.run_reference`."""
+def run_simulation(
+    config: RunConfig, out: Path, shards: ShardPlan | None = None, *, name: str = ""
+) -> dict[str, Any]:
+    """Run ``config`` (a federated or local strategy, from the config file called ``name``)
+    into ``out``; reference rows are `edgetune.sim.references.run_reference`."""
     if config.strategy_def.reference:
         raise ConfigError(f"strategy {config.strategy!r} is a reference row: use run_reference")
     summary = Simulation(config, out, shards).run()
-    write_plots(out, title=f"{config.strategy}: {out.name}")
+    write_plots(out, title=plot_title(config.strategy, name, out))
     return summary

@@ -226,29 +226,41 @@ def write_plots(out: Path, title: str = "") -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     paths = []
-    for name, xkey, xlabel in (
-        ("accuracy_vs_round.png", "round", "round"),
-        ("accuracy_vs_mb.png", "cum_bytes", "cumulative MB (up + down)"),
-    ):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        drawn = _plot_curves(ax, rows, xkey)
-        if xkey == "round":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
+    for name, xkey in (("accuracy_vs_round.png", "round"), ("accuracy_vs_mb.png", "cum_bytes")):
+        fig = accuracy_figure(rows, xkey, title)
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
         paths.append(out / name)
     return paths
+
+
+def plot_title(strategy: str, config_name: str, out: Path, engine: str = "") -> str:
+    """ "fedadapter on Flower · demo → runs/demo": what ran, from which config, into where."""
+    on = f" on {engine}" if engine else ""
+    return f"{strategy}{on} · {config_name or 'config'} → {out.name}"
+
+
+def accuracy_figure(rows: list[dict[str, Any]], xkey: str, title: str) -> Any:
+    """One matplotlib figure of ``rows`` (metrics.jsonl) against ``xkey`` ("round", integer
+    ticks, or "cum_bytes", in MB)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = _plot_curves(ax, rows, xkey)
+    if xkey == "round":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round" if xkey == "round" else "cumulative MB (up + down)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def _plot_curves(ax: Any, rows: list[dict[str, Any]], xkey: str) -> int:

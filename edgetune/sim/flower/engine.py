@@ -22,7 +22,7 @@ from edgetune.config import RunConfig, config_to_dict
 from edgetune.errors import ConfigError, EdgeTuneError
 from edgetune.sim.flower.env import apply_offline_env
 from edgetune.sim.harness import check_runnable
-from edgetune.sim.report import write_plots
+from edgetune.sim.report import plot_title, write_plots
 
 log = logging.getLogger("edgetune.flower")
 
@@ -42,7 +42,7 @@ def backend_config(cpus: int | None = None) -> dict[str, Any]:
 
 
 def run_flower(
-    config: RunConfig, out: Path, *, fail: str = "", cpus: int | None = None
+    config: RunConfig, out: Path, *, fail: str = "", cpus: int | None = None, name: str = ""
 ) -> dict[str, Any]:
     """Run ``config`` into ``out`` on Flower's simulation engine; returns the summary."""
     if not config.strategy_def.federated:
@@ -54,7 +54,7 @@ def run_flower(
     (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
     started = time.perf_counter()
     summary = _simulate(config, out, fail, cpus, started)
-    write_plots(out, title=f"{config.strategy} on Flower: {out.name}")
+    write_plots(out, title=plot_title(config.strategy, name, out, engine="Flower"))
     return summary
 
 

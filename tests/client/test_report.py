@@ -1,0 +1,42 @@
+"""Plots of a run (issue 17): titled, integer round ticks, personal accuracy beside global."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from edgetune.sim.report import accuracy_figure, plot_title
+
+ROWS = [  # two families, personal accuracy reported from round 1 on (as metrics.jsonl)
+    {"round": 0, "cum_bytes": 0, "global_acc": {"a": 0.25, "b": 0.3}},
+    {"round": 1, "cum_bytes": 2e6, "global_acc": {"a": 0.5, "b": 0.4}, "personal_acc": {"a": 0.6}},
+    {"round": 2, "cum_bytes": 4e6, "global_acc": {"a": 0.7, "b": 0.5}, "personal_acc": {"a": 0.8}},
+]
+
+
+def test_round_plot_has_a_title_integer_ticks_and_personal_lines():
+    title = plot_title("fedadapter", "demo", Path("runs/demo"))
+    assert title == "fedadapter · demo → demo"
+    fig = accuracy_figure(ROWS, "round", title)
+    ax = fig.axes[0]
+    assert ax.get_title() == title
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # no 0.5-round ticks
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"a global", "b global", "a personal"}
+    assert lines["a personal"].get_linestyle() == "--" and lines["a global"].get_linestyle() == "-"
+    assert list(lines["a personal"].get_ydata()) == [0.6, 0.8]
+    plt.close(fig)
+
+
+def test_mb_plot_is_in_megabytes_and_a_single_point_is_still_drawn():
+    fig = accuracy_figure(ROWS[:1], "cum_bytes", plot_title("local", "", Path("o"), "Flower"))
+    ax = fig.axes[0]
+    assert ax.get_title() == "local on Flower · config → o"
+    (only_a, only_b) = ax.get_lines()
+    assert only_a.get_marker() == "o" and list(only_b.get_xdata()) == [0.0]
+    assert ax.get_xlabel() == "cumulative MB (up + down)"
+    fig2 = accuracy_figure(ROWS, "cum_bytes", "")
+    assert list(fig2.axes[0].get_lines()[0].get_xdata()) == [0.0, 2.0, 4.0]
+    plt.close("all")
