@@ -134,8 +134,11 @@ def check_same_config(out: Path, config: RunConfig) -> None:
 
 
 def _show_progress(bar: tqdm, info: dict[str, Any], table: RoundTable) -> None:
-    """Closed rounds on the bar (with its ETA) and the newest global accuracy per family."""
+    """Closed rounds on the bar (with its ETA), the newest global accuracy per family on it,
+    and the per-round table growing above it."""
     closed = info["round"] if info["finished"] else info["round"] - 1
+    for line in table.grown_lines(closed):
+        bar.write(line)
     if closed > bar.n:
         bar.update(closed - bar.n)
         latest = table.rows[-1]["global_acc"] if table.rows else {}

@@ -44,7 +44,7 @@ class RoundTable:
         # task = "lm": held-out perplexity (exp of the mean token NLL) of each family's model
         self.global_ppl: dict[int, dict[str, float]] = defaultdict(dict)
         self.rows: list[dict[str, Any]] = []
-        self.printed_header = False
+        self.shown_round = -1  # newest round already written by `grown_lines`
 
     def record(self, family: str, result: dict[str, Any]) -> None:
         """The evaluator's test accuracy of one family's model version; rewrites the file."""
@@ -108,29 +108,46 @@ class RoundTable:
         (self.out / "metrics.jsonl").write_text(text)
 
     def print_table(self) -> str:
-        families = sorted(
-            {f for row in self.rows for f in row["global_acc"]}
-            | {f for row in self.rows for f in row["personal_acc"]}
-        )
-        header = (
-            f"{'round':>5} "
-            + " ".join(f"{f[:14]:>14}" for f in families)
-            + f" {'overall':>8} {'personal':>8} {'MB up':>8} {'MB down':>8} {'GFLOP':>8}"
-        )
-        lines = [
-            "global-model test accuracy per family (personal = clients' held-out, after training)",
-            header,
-        ]
-        for row in self.rows:
-            accs = " ".join(f"{_pct(row['global_acc'].get(f)):>14}" for f in families)
-            lines.append(
-                f"{row['round']:>5} {accs} {_pct(row['global_acc_overall']):>8} "
-                f"{_pct(row['personal_acc_overall']):>8} {row['bytes_up'] / MB:>8.2f} "
-                f"{row['bytes_down'] / MB:>8.2f} {row['train_gflops_est']:>8.1f}"
-            )
+        families = self._families()
+        lines = [*self._header(families), *(self._line(row, families) for row in self.rows)]
         table = "\n".join(lines)
         print(table, flush=True)
         return table
+
+    def grown_lines(self, closed_round: int) -> list[str]:
+        """The table as it grows: its header once, then each evaluated round up to
+        ``closed_round`` not shown yet (the simulate progress bar writes them above itself)."""
+        families = self._families()
+        lines = [] if self.shown_round >= 0 else self._header(families)
+        for row in self.rows:
+            if self.shown_round < row["round"] <= closed_round and row["global_acc"]:
+                lines.append(self._line(row, families))
+                self.shown_round = row["round"]
+        return lines if self.shown_round >= 0 else []
+
+    def _families(self) -> list[str]:
+        return sorted(
+            {f for row in self.rows for f in row["global_acc"]}
+            | {f for row in self.rows for f in row["personal_acc"]}
+        )
+
+    @staticmethod
+    def _header(families: list[str]) -> list[str]:
+        columns = " ".join(f"{f[:14]:>14}" for f in families)
+        return [
+            "global-model test accuracy per family (personal = clients' held-out, after training)",
+            f"{'round':>5} {columns} {'overall':>8} {'personal':>8} {'MB up':>8} "
+            f"{'MB down':>8} {'GFLOP':>8}",
+        ]
+
+    @staticmethod
+    def _line(row: dict[str, Any], families: list[str]) -> str:
+        accs = " ".join(f"{_pct(row['global_acc'].get(f)):>14}" for f in families)
+        return (
+            f"{row['round']:>5} {accs} {_pct(row['global_acc_overall']):>8} "
+            f"{_pct(row['personal_acc_overall']):>8} {row['bytes_up'] / MB:>8.2f} "
+            f"{row['bytes_down'] / MB:>8.2f} {row['train_gflops_est']:>8.1f}"
+        )
 
     def finish(self, wall_s: float, client_results: list[dict[str, Any]]) -> dict[str, Any]:
         self._write()

@@ -1,5 +1,7 @@
-"""Plots of a run (issue 17): titled, integer round ticks, personal accuracy beside global."""
+"""What simulate shows (issue 17): titled plots with integer round ticks and personal accuracy
+beside global, and the per-round table growing above the progress bar."""
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -7,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from edgetune.sim.report import accuracy_figure, plot_title
+from edgetune.config import RunConfig
+from edgetune.sim.report import RoundTable, accuracy_figure, plot_title
 
 ROWS = [  # two families, personal accuracy reported from round 1 on (as metrics.jsonl)
     {"round": 0, "cum_bytes": 0, "global_acc": {"a": 0.25, "b": 0.3}},
@@ -40,3 +43,19 @@ def test_mb_plot_is_in_megabytes_and_a_single_point_is_still_drawn():
     fig2 = accuracy_figure(ROWS, "cum_bytes", "")
     assert list(fig2.axes[0].get_lines()[0].get_xdata()) == [0.0, 2.0, 4.0]
     plt.close("all")
+
+
+def test_the_round_table_grows_one_evaluated_round_at_a_time(tmp_path):
+    table = RoundTable(tmp_path, RunConfig())
+    (tmp_path / "clients" / "c0").mkdir(parents=True)
+    assert table.grown_lines(0) == []  # nothing evaluated yet: no header either
+    table.record("fam", {"version": 0, "acc": 0.25})
+    header_and_round0 = table.grown_lines(0)
+    assert len(header_and_round0) == 3 and header_and_round0[2].split()[:2] == ["0", "25.0"]
+    line = {"round": 1, "family": "fam", "tier": "fp32", "bytes_up": 2_000_000, "bytes_down": 0}
+    (tmp_path / "clients" / "c0" / "rounds.jsonl").write_text(json.dumps(line) + "\n")
+    table.record("fam", {"version": 1, "acc": 0.5})
+    assert table.grown_lines(0) == []  # round 1 has not closed on the server yet
+    (round1,) = table.grown_lines(1)
+    assert round1.split()[:2] == ["1", "50.0"] and "2.00" in round1.split()
+    assert table.grown_lines(1) == []  # each round once
