@@ -131,23 +131,29 @@ class RoundTable:
             | {f for row in self.rows for f in row["personal_acc"]}
         )
 
-    @staticmethod
-    def _header(families: list[str]) -> list[str]:
+    def _header(self, families: list[str]) -> list[str]:
         columns = " ".join(f"{f[:14]:>14}" for f in families)
+        ppl = "".join(f" {'ppl ' + f[:10]:>14}" for f in families) if self._lm else ""
         return [
             "global-model test accuracy per family (personal = clients' held-out, after training)",
             f"{'round':>5} {columns} {'overall':>8} {'personal':>8} {'MB up':>8} "
-            f"{'MB down':>8} {'GFLOP':>8}",
+            f"{'MB down':>8} {'GFLOP':>8}{ppl}",
         ]
 
-    @staticmethod
-    def _line(row: dict[str, Any], families: list[str]) -> str:
+    def _line(self, row: dict[str, Any], families: list[str]) -> str:
         accs = " ".join(f"{_pct(row['global_acc'].get(f)):>14}" for f in families)
+        ppl = row.get("global_perplexity", {})
+        ppls = "".join(f" {_num(ppl.get(f))}" for f in families) if self._lm else ""
         return (
             f"{row['round']:>5} {accs} {_pct(row['global_acc_overall']):>8} "
             f"{_pct(row['personal_acc_overall']):>8} {row['bytes_up'] / MB:>8.2f} "
-            f"{row['bytes_down'] / MB:>8.2f} {row['train_gflops_est']:>8.1f}"
+            f"{row['bytes_down'] / MB:>8.2f} {row['train_gflops_est']:>8.1f}{ppls}"
         )
+
+    @property
+    def _lm(self) -> bool:
+        """An lm run's table also shows each family's held-out perplexity."""
+        return self.config.task == "lm"
 
     def finish(self, wall_s: float, client_results: list[dict[str, Any]]) -> dict[str, Any]:
         self._write()

@@ -1,7 +1,9 @@
 """What simulate shows (issue 17): titled plots with integer round ticks and personal accuracy
 beside global, and the per-round table growing above the progress bar."""
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -59,3 +61,11 @@ def test_the_round_table_grows_one_evaluated_round_at_a_time(tmp_path):
     (round1,) = table.grown_lines(1)
     assert round1.split()[:2] == ["1", "50.0"] and "2.00" in round1.split()
     assert table.grown_lines(1) == []  # each round once
+
+
+def test_an_lm_runs_growing_table_shows_perplexity_per_family(tmp_path):
+    table = RoundTable(tmp_path, dataclasses.replace(RunConfig(), task="lm"))
+    table.record("smol", {"version": 0, "acc": 0.3, "loss": math.log(84.2)})
+    header, round0 = table.grown_lines(0)[1:]
+    assert header.split()[-2:] == ["ppl", "smol"]
+    assert round0.split()[-1] == "84.20"  # exp of the mean token NLL
