@@ -149,7 +149,9 @@ def _federated_row(
     acc = summary["final_global_acc"].get(family)
     if acc is None or summary["final_round"] != run.rounds:
         raise EdgeTuneError(f"reference run in {out} did not finish its {run.rounds} rounds")
-    return {"acc": acc, "out": str(out), "clients": run.num_clients, "rounds": run.rounds}
+    row = {"acc": acc, "out": str(out), "clients": run.num_clients, "rounds": run.rounds}
+    perplexity = summary.get("final_global_perplexity", {}).get(family)  # task = "lm" only
+    return row if perplexity is None else {**row, "perplexity": perplexity}
 
 
 ROWS: dict[str, Callable[[RunConfig, str, str, Path], dict[str, Any]]] = {

@@ -3,6 +3,7 @@ without the LM head; config; a two-family simulate run that reports perplexity a
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,8 +150,6 @@ def test_lm_run_reports_perplexity_per_family_and_samples(tmp_path):
 
 
 def test_llm_config_is_the_issues_run():
-    from pathlib import Path
-
     import edgetune
 
     config = load_config(Path(edgetune.__file__).parent / "configs" / "llm.toml")
@@ -160,3 +159,16 @@ def test_llm_config_is_the_issues_run():
     assert config.data.dataset == "fortunes" and config.data.alpha < 1.0  # label skew
     # one adapter config serves both depths (30 and 18 blocks)
     assert config.adapter.adapted_blocks(18) and config.adapter.anchor_blocks(18)
+
+
+def test_the_isolated_reference_of_an_lm_run_reports_each_familys_perplexity(tmp_path):
+    """The ablation beside an lm run (no global branch across families) is read by perplexity."""
+    from edgetune.config import config_from_dict, config_to_dict
+    from edgetune.sim.references import run_reference
+
+    config = load_config(TINY, ["task=lm", "strategy=isolated", "rounds=1"])
+    raw = [{"backbone": "tiny-llama-d32-l2"}, {"backbone": "tiny-gemma3-d48-l2"}]
+    summary = run_reference(config_from_dict({**config_to_dict(config), "group": raw}), tmp_path)
+    for family, row in summary["per_family"].items():
+        metrics = (Path(row["out"]) / "metrics.jsonl").read_text().splitlines()
+        assert row["perplexity"] == json.loads(metrics[-1])["global_perplexity"][family]
