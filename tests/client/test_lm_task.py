@@ -172,3 +172,11 @@ def test_the_isolated_reference_of_an_lm_run_reports_each_familys_perplexity(tmp
     for family, row in summary["per_family"].items():
         metrics = (Path(row["out"]) / "metrics.jsonl").read_text().splitlines()
         assert row["perplexity"] == json.loads(metrics[-1])["global_perplexity"][family]
+
+
+def test_llm_classify_config_is_smollm2_nf4_classification():
+    import edgetune
+
+    config = load_config(Path(edgetune.__file__).parent / "configs" / "llm_classify.toml")
+    assert config.task == "classify" and config.strategy == "fedadapter"
+    assert [(g.backbone, g.quant) for g in config.groups] == [("smollm2-135m", "nf4")]
