@@ -117,17 +117,13 @@ class RoundTable:
     def grown_lines(self, closed_round: int) -> list[str]:
         """The table as it grows: its header once, then each evaluated round up to
         ``closed_round`` not shown yet (the simulate progress bar writes them above itself)."""
-        new = [
-            row
-            for row in self.rows
-            if self.shown_round < row["round"] <= closed_round and row["global_acc"]
-        ]
-        if not new:
-            return []
         families = self._families()
-        header = self._header(families) if self.shown_round < 0 else []
-        self.shown_round = new[-1]["round"]
-        return [*header, *(self._line(row, families) for row in new)]
+        lines = [] if self.shown_round >= 0 else self._header(families)
+        for row in self.rows:
+            if self.shown_round < row["round"] <= closed_round and row["global_acc"]:
+                lines.append(self._line(row, families))
+                self.shown_round = row["round"]
+        return lines if self.shown_round >= 0 else []
 
     def _families(self) -> list[str]:
         return sorted(
@@ -138,13 +134,8 @@ class RoundTable:
     def _header(self, families: list[str]) -> list[str]:
         columns = " ".join(f"{f[:14]:>14}" for f in families)
         ppl = "".join(f" {'ppl ' + f[:10]:>14}" for f in families) if self._lm else ""
-        title = (
-            "global-model test accuracy per family (personal = clients' held-out, after training)"
-        )
-        if self._lm:
-            title += "; ppl = held-out perplexity of the family's global model (lower is better)"
         return [
-            title,
+            "global-model test accuracy per family (personal = clients' held-out, after training)",
             f"{'round':>5} {columns} {'overall':>8} {'personal':>8} {'MB up':>8} "
             f"{'MB down':>8} {'GFLOP':>8}{ppl}",
         ]
@@ -167,6 +158,8 @@ class RoundTable:
     def finish(self, wall_s: float, client_results: list[dict[str, Any]]) -> dict[str, Any]:
         self._write()
         table = self.print_table()
+        if self.config.task == "lm":
+            table += "\n" + self.print_perplexity()
         summary = self._summary(wall_s, client_results)
         if self.config.task == "lm":
             summary.update(self._lm_summary())
@@ -201,6 +194,21 @@ class RoundTable:
             "train_gflops_est_total": sum(r["train_gflops_est"] for r in self.rows),
             "clients": client_results,
         }
+
+    def print_perplexity(self) -> str:
+        """The lm run's table: held-out perplexity of each family's global model per round."""
+        rows = [r for r in self.rows if r.get("global_perplexity")]
+        families = sorted({f for r in rows for f in r["global_perplexity"]})
+        lines = [
+            "global-model held-out perplexity per family (lower is better)",
+            f"{'round':>5} " + " ".join(f"{f[:14]:>14}" for f in families),
+        ]
+        for row in rows:
+            cells = (row["global_perplexity"].get(f) for f in families)
+            lines.append(f"{row['round']:>5} " + " ".join(_num(c) for c in cells))
+        table = "\n".join(lines)
+        print(table, flush=True)
+        return table
 
     def _lm_summary(self) -> dict[str, Any]:
         """First and last perplexity per family, and the final models' greedy samples."""
