@@ -43,9 +43,9 @@ from edgetune.models.zoo import load_backbone  # noqa: E402
 from edgetune.sim.evaluator import eval_subset  # noqa: E402
 from edgetune.strategies.class_stats import (  # noqa: E402
     ClassStats,
-    DeviceStats,
-    family_totals,
+    ClientStats,
     lda_head,
+    totals_for,
 )
 
 RESULTS = ROOT / "bench" / "results"
@@ -75,24 +75,21 @@ def pooled(backbone_name: str, split: Split, config: RunConfig, n_classes: int) 
     return torch.cat(captured).double()
 
 
-def device_reports(config: RunConfig, n_classes: int) -> list[DeviceStats]:
-    """Every device's statistics per family it runs, and its cross products per family pair."""
+def client_reports(config: RunConfig, n_classes: int) -> list[ClientStats]:
+    """Every client's statistics as a run would send them in round 1 (frozen = current): a
+    device's first client also its frozen part and its bridges to the device's other families."""
     reports = []
     for device, group in enumerate(g for g in config.groups for _ in range(g.count)):
         _, train, _ = load_shard(config.data, config.seed, device, config.num_devices)
         labels = torch.as_tensor(np.asarray(train.labels))
         feats = {b: pooled(b, train, config, n_classes) for b in group.backbones}
-        names = list(feats)
+        first = feats[group.backbone]
+        stats = {b: ClassStats.of(x, labels, n_classes) for b, x in feats.items()}
+        bridges = {b: (feats[b].T @ feats[b], feats[b].T @ first) for b in group.also}
         reports.append(
-            DeviceStats(
-                {b: ClassStats.of(x, labels, n_classes) for b, x in feats.items()},
-                {
-                    (a, b): feats[a].T @ feats[b]
-                    for i, a in enumerate(names)
-                    for b in names[i + 1 :]
-                },
-            )
+            ClientStats(group.backbone, stats[group.backbone], stats[group.backbone], bridges)
         )
+        reports += [ClientStats(b, stats[b], None, {}) for b in group.also]
     return reports
 
 
@@ -119,19 +116,17 @@ def run_cell(sets: list[str], seed: int) -> dict[str, dict[str, float]]:
     n_classes = len(dataset.classes)
     test = eval_subset(config, dataset.test)
     test_y = torch.as_tensor(np.asarray(test.labels))
-    reports = device_reports(config, n_classes)
+    reports = client_reports(config, n_classes)
     cell: dict[str, dict[str, float]] = {}
     for family in sorted({b for g in config.groups for b in g.backbones}):
         test_x = pooled(family, test, config, n_classes)
         train_x = pooled(family, dataset.train, config, n_classes)
-        own = [
-            DeviceStats({family: r.families[family]}, {}) for r in reports if family in r.families
-        ]
+        own = [r for r in reports if r.family == family]
         every = ClassStats.of(train_x, torch.as_tensor(np.asarray(dataset.train.labels)), n_classes)
         cell[family] = {
             "probe": probe_accuracy(train_x, dataset.train.labels, test_x, test.labels),
-            "lda_own": lda_accuracy(family_totals(family, own), test_x, test_y),
-            "lda_bridged": lda_accuracy(family_totals(family, reports), test_x, test_y),
+            "lda_own": lda_accuracy(totals_for(family, own), test_x, test_y),
+            "lda_bridged": lda_accuracy(totals_for(family, reports), test_x, test_y),
             "lda_all": lda_accuracy(every, test_x, test_y),
         }
         print(seed, family, {k: round(100 * v, 1) for k, v in cell[family].items()}, flush=True)

@@ -45,6 +45,7 @@ ROWS = ["fedadapter", "probe", "centralized", "homogeneous", "isolated"]
 #: ablation variant -> overrides on top of the demo recipe (what each switches).
 ABLATION: dict[str, list[str]] = {
     "recipe": [],
+    "head by gradient, not from class statistics (train.head=sgd)": ["train.head=sgd"],
     "no balanced loss (train.loss=ce)": ["train.loss=ce"],
     "no devices training a 2nd family (group.also=[])": ["@no-also"],
     "global branch frozen (server.eta=1e-6)": ["server.eta=0.000001"],

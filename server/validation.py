@@ -15,6 +15,7 @@ from edgetune.protocol import (
     COMPRESSION_INT8,
     DTYPE_NAMES,
     GROUP_PRIVATE,
+    GROUP_STATS,
     AdapterSpec,
     ProtocolError,
     TensorEntry,
@@ -74,7 +75,10 @@ def expected_wire_schema(
     expected = spec.upload_tensors(bundles)
     if compression == COMPRESSION_INT8:
         return int8_wire_schema(expected)
-    return {n: (DTYPE_NAMES[dtype], t.shape) for n, t in expected.items()}
+    return {  # class statistics are float32 whatever the adapter's dtype
+        n: ("F32" if t.group == GROUP_STATS else DTYPE_NAMES[dtype], t.shape)
+        for n, t in expected.items()
+    }
 
 
 def check_tensor_schema(

@@ -9,6 +9,7 @@ state and carries on with the server's current round.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from torch import nn
 
 from edgetune.adapters import AdapterHandle, inject, wire_spec
 from edgetune.client.state import ADAPTER_FILE, FEEDBACK_FILE, STRATEGY_FILE, StateDir
+from edgetune.client.stats import StatsReporter
 from edgetune.client.trainer import EncodedSplit, evaluate, measure_step_flops, train_local
 from edgetune.client.transport import ServerClient, ServerError
 from edgetune.config import RunConfig
@@ -27,6 +29,7 @@ from edgetune.errors import ConfigError
 from edgetune.models.heads import build_task_model
 from edgetune.models.zoo import Backbone, load_backbone
 from edgetune.protocol import (
+    BUNDLE_STATS,
     GROUP_GLOBAL,
     META_GROUPS,
     META_ROUND,
@@ -41,6 +44,7 @@ from edgetune.protocol import (
     select_bundles,
 )
 from edgetune.strategies import get_strategy, make_client_hooks
+from edgetune.strategies.class_stats import ClientStats, heads_from_clients
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +72,16 @@ class ClientRuntime:
         self.task = build_task_model(self.backbone, config.task, n_classes=self.n_classes)
         self.handle = self._inject(self.backbone, self.task)
         self.handle.classes = tuple(self.dataset.classes)
-        self.spec = wire_spec(self.backbone.spec, self.handle, self.n_classes)
         max_len = config.train.max_length
         self.train_data = EncodedSplit(self.backbone, train_split, max_len)
+        self.stats = self._stats_reporter(train_split)
+        self.spec = wire_spec(self.backbone.spec, self.handle, self.n_classes)
+        if self.stats is not None:
+            kind = "source" if me.stats_source else "own"
+            self.spec = dataclasses.replace(
+                self.spec, stats=kind, bridges=tuple(self.stats.bridge_dims)
+            )
+        self._round_stats: dict[str, torch.Tensor] = {}
         self._first_batch = train_split.subset(
             np.arange(min(len(train_split), config.train.batch_size))
         )
@@ -85,6 +96,31 @@ class ClientRuntime:
     def _inject(self, backbone: Backbone, task: nn.Module) -> AdapterHandle:
         c = self.config
         return inject(self.strategy.adapter, backbone, task.head, c.adapter, c.lora, self.rank)
+
+    def _stats_reporter(self, train_split: Any) -> StatsReporter | None:
+        """Class statistics for server-fit heads (``train.head = "stats"``), or None: not for
+        the lm task (no head) nor for runs without a server. Built before any server tensor is
+        loaded, while the adapter is still the identity (its frozen statistics)."""
+        if self.config.train.head != "stats" or not self.n_classes:
+            return None
+        me, federated = self.config.client, self.hooks.federated
+        return StatsReporter(  # without a server: its own statistics, its own head
+            self.task,
+            self.train_data,
+            train_split,
+            self.n_classes,
+            source=me.stats_source and federated,
+            bridges=me.bridges if federated else (),
+            max_length=self.config.train.max_length,
+        )
+
+    def statistics_round(self, round_id: int) -> bool:
+        """With server-fit heads, round 1 only gathers statistics (the head is fit before any
+        adapter trains against it: linear probe first, then fine-tuning against that frozen
+        head), and so does the final round of a run of 3 or more (the head is fit again to the
+        fine-tuned features: the final model's head matches its features)."""
+        final = self.config.rounds
+        return self.stats is not None and (round_id == 1 or (round_id == final and final >= 3))
 
     def _train_flops_per_sample(self) -> float:
         """FLOPs of one training step per sample, counted once on the first batch.
@@ -197,9 +233,15 @@ class ClientRuntime:
         update (a refused or late update must not move the error feedback).
         """
         comm, final = self.config.comm, self.config.rounds
+        if self.statistics_round(final):  # the last training round sends a fresh family bundle
+            final -= 1
         bundles = bundles_to_send(self.spec, round_id, comm.family_every, final)
         tensors = self.hooks.upload_tensors(self.handle, sent_global)
         tensors = select_bundles(tensors, self.spec, bundles)
+        if self.statistics_round(round_id):  # statistics only: nothing was trained
+            tensors, bundles = dict(self._round_stats), (BUNDLE_STATS,)
+        elif bundles is None and self.spec.stats:  # every bundle but the statistics
+            bundles = tuple(sorted(b for b in self.spec.upload_bundles() if b != BUNDLE_STATS))
         pending = self.error_feedback.clone()
         tensors, compression = compress_update(tensors, pending, comm.compression)
         meta = UpdateMeta(
@@ -207,7 +249,8 @@ class ClientRuntime:
             round_id=round_id,
             spec_hash=self.spec.spec_hash,
             fingerprint=self.spec.fingerprint,
-            num_samples=max(1, int(metrics["samples"])),
+            # statistics count every text once: never more than the update's weight
+            num_samples=max(1, int(metrics["samples"]), len(self.train_data) * bool(self.stats)),
             dtype=self.spec.dtype,
             metrics=metrics,
             compression=compression,
@@ -265,6 +308,12 @@ class ClientRuntime:
 
     def _train_and_evaluate(self, round_id: int) -> dict[str, float]:
         before = evaluate(self.task, self.holdout) if len(self.holdout) else None
+        self._round_stats = {}
+        if self.statistics_round(round_id):  # measured on the model as received
+            self._round_stats = self.stats.tensors(self.task)
+            if not self.hooks.federated:
+                self._fit_own_head()
+            return self._statistics_metrics(before)
         train = self.config.train
         result = train_local(
             self.task, self._param_groups(), self.train_data, train, round_id, f"round {round_id}"
@@ -283,9 +332,29 @@ class ClientRuntime:
         log.info("round %d: %s", round_id, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
+    @torch.no_grad()
+    def _fit_own_head(self) -> None:
+        """No server: the head the server would fit from this client's statistics alone."""
+        stats = ClientStats.from_wire(self.spec.family, self._round_stats)
+        fitted = heads_from_clients([stats]).get(self.spec.family)
+        if fitted is not None and self.handle.head is not None:
+            self.handle.head.weight.copy_(fitted[0])
+            self.handle.head.bias.copy_(fitted[1])
+
+    def _statistics_metrics(self, received: Any) -> dict[str, float]:
+        metrics = {"samples": float(len(self.train_data)), "steps": 0.0, "train_gflops_est": 0.0}
+        if received is not None:
+            metrics.update(received_local_acc=received.accuracy, personal_acc=received.accuracy)
+        log.info("statistics round: class statistics of %d texts", len(self.train_data))
+        return metrics
+
     def _param_groups(self) -> list[dict[str, Any]]:
-        """The trainable tensors; the head in its own group when ``train.head_lr`` is set."""
+        """The trainable tensors; the head in its own group when ``train.head_lr`` is set, and
+        out of training when the server fits it (``train.head = "stats"``)."""
         params = self.handle.trainable_parameters()
+        if self.stats is not None and self.handle.head is not None:
+            head = {id(p) for p in self.handle.head.parameters()}
+            return [{"params": [p for p in params if id(p) not in head]}]
         head_lr = self.config.train.head_lr
         if not head_lr or self.handle.head is None:
             return [{"params": params}]

@@ -178,6 +178,10 @@ class LoraConfig:
 #: Local training losses: plain cross-entropy, or the logit-adjusted ("balanced") loss of
 #: Menon et al. 2021 with each client's own label prior (FedLC-style under label skew).
 TRAIN_LOSSES = ("ce", "balanced")
+#: How a classification head learns: "stats" (the server fits each family's head every round
+#: from the class statistics its clients upload, bridged across families; clients keep it
+#: frozen, and round 1 only gathers statistics) or "sgd" (trained by gradient, averaged).
+HEAD_MODES = ("stats", "sgd")
 
 
 @dataclass(frozen=True)
@@ -190,10 +194,12 @@ class TrainConfig:
     time_budget_s: float = 0.0  # 0: no budget
     seed: int = 0
     loss: str = "balanced"  # ce | balanced (logits shifted by the client's own label prior)
-    head_lr: float = 0.0  # 0: the same as lr
+    head_lr: float = 0.0  # 0: the same as lr ("sgd" heads)
+    head: str = "stats"  # stats | sgd (HEAD_MODES)
 
     def __post_init__(self) -> None:
         check_int("train.epochs", self.epochs, 1, 10_000)
+        check(self.head in HEAD_MODES, "train.head", self.head, f"one of {HEAD_MODES}")
         check(self.loss in TRAIN_LOSSES, "train.loss", self.loss, f"one of {TRAIN_LOSSES}")
         check_number("train.head_lr", self.head_lr, 0.0)
         check_int("train.batch_size", self.batch_size, 1, 1 << 20)
@@ -304,12 +310,21 @@ class ClientConfig:
     max_rounds: int = 0  # 0: until the server finishes
     poll_s: float = 0.5
     eval_test_at_end: bool = True
+    # train.head = "stats": other backbones this device also runs (their frozen features are
+    # paired with ours: the bridge between the families), and whether this is the device's
+    # first client (it reports its frozen backbone's statistics for the other families).
+    bridges: tuple[str, ...] = ()
+    stats_source: bool = True
 
     def __post_init__(self) -> None:
         check_tier("client", self.backbone, self.quant, self.rank)
         check_int("client.shards", self.shards, 1, 100_000)
         check_int("client.shard", self.shard, 0, self.shards - 1)
         check_int("client.max_rounds", self.max_rounds, 0, 1_000_000)
+        ok = all(isinstance(b, str) and b and b != self.backbone for b in self.bridges)
+        check(ok, "client.bridges", self.bridges, "backbones other than client.backbone")
+        check(isinstance(self.stats_source, bool), "client.stats_source", self.stats_source,
+              "must be true or false")  # fmt: skip
         check_number("client.poll_s", self.poll_s, 0.0, 60.0, open_low=True)
         url_ok = not self.url or self.url.startswith(("http://", "https://"))
         check(url_ok, "client.url", self.url, "must start with http:// or https://")

@@ -23,9 +23,11 @@ HTTP flow (all under ``/v1``; errors are JSON ``{"error": code, "detail": messag
 4. ``PUT /v1/rounds/<round>/updates/<client_id>`` with body ``encode_update(...)`` -> 201; an
    identical retry -> 200; a different second upload -> 409 ``duplicate_upload``; a closed or
    other round -> 409 ``round_closed``. Global tensors are ``trained - downloaded`` deltas,
-   family and LoRA tensors values. Optional knobs in the metadata: ``edgetune.bundles =
-   "global"`` (a partial FedAdapter update) and ``edgetune.compression = "int8"`` (every tensor
-   as I8 plus ``<name>.__scale__``).
+   family and LoRA tensors values, ``stats.*`` class statistics (specs with ``stats``; the
+   server fits each family's head from them). Optional knobs in the metadata:
+   ``edgetune.bundles`` (a partial update, e.g. ``"global"`` or ``"stats"``) and
+   ``edgetune.compression = "int8"`` (every tensor but the statistics as I8 plus
+   ``<name>.__scale__``).
 5. ``GET /v1/status`` (join or client token), ``GET /v1/health``, ``GET /v1/openapi.json``.
 """
 

@@ -38,6 +38,7 @@ from edgetune.protocol.names import (
     COMPRESSION_NONE,
     COMPRESSIONS,
     GROUP_GLOBAL,
+    GROUP_STATS,
     SCALE_SUFFIX,
 )
 from edgetune.protocol.spec import AdapterSpec, ProtocolError, TensorSpec
@@ -70,9 +71,13 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def int8_wire_schema(
     expected: Mapping[str, TensorSpec],
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Name -> (safetensors dtype, shape) of an int8-compressed upload of ``expected``."""
+    """Name -> (safetensors dtype, shape) of an int8-compressed upload of ``expected``
+    (class statistics stay float32: sums the server adds, not values it could round)."""
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, t in expected.items():
+        if t.group == GROUP_STATS:
+            out[name] = ("F32", t.shape)
+            continue
         out[name] = ("I8", t.shape)
         out[name + SCALE_SUFFIX] = ("F32", (1,))
     return out
@@ -89,6 +94,9 @@ def decompress_tensors(
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name.endswith(SCALE_SUFFIX):
+            continue
+        if wire_group(name) == GROUP_STATS and t.dtype == torch.float32:
+            out[name] = t
             continue
         scale = tensors.get(name + SCALE_SUFFIX)
         if scale is None or t.dtype != torch.int8:
@@ -149,7 +157,8 @@ def compress_update(
 ) -> tuple[dict[str, Tensor], str]:
     """``(wire tensors, UpdateMeta.compression)`` of an update.
 
-    ``method="none"`` returns the tensors unchanged; ``"int8"`` quantizes every tensor. Error
+    ``method="none"`` returns the tensors unchanged; ``"int8"`` quantizes every tensor but the
+    class statistics (float32 always). Error
     feedback (when ``state`` is an ``ErrorFeedback``) applies only to the ``global`` deltas: the
     server *accumulates* those, so carried residuals telescope; the family / LoRA tensors are
     values the server *averages*, where a carried residual would only add error, so they are
@@ -160,8 +169,9 @@ def compress_update(
     if method == COMPRESSION_NONE:
         return dict(tensors), COMPRESSION_NONE
     deltas = {n: t for n, t in tensors.items() if wire_group(n) == GROUP_GLOBAL}
-    values = {n: t for n, t in tensors.items() if n not in deltas}
-    wire = int8_without_feedback(values)
+    stats = {n: t for n, t in tensors.items() if wire_group(n) == GROUP_STATS}
+    values = {n: t for n, t in tensors.items() if n not in deltas and n not in stats}
+    wire = {**int8_without_feedback(values), **stats}
     wire.update(state.compress(deltas) if state is not None else int8_without_feedback(deltas))
     return wire, COMPRESSION_INT8
 

@@ -21,6 +21,14 @@ FedAdapter wire names (K anchors, adapted blocks l, rank r, width d)::
     private.layer{l}.C / .q   never leave the client
 
 LoRA baselines: ``lora.{module}.A`` [rank, d_in], ``lora.{module}.B`` [d_out, rank] and the head.
+
+Class statistics (the ``stats`` bundle of a spec with ``stats`` set; K classes, features of the
+pooled state the head sees, float32, never compressed; `edgetune.strategies.class_stats`)::
+
+    stats.own.gram / .sums / .counts       [d, d] / [K, d] / [K]  the model as received
+    stats.frozen.gram / .sums / .counts    the same, frozen backbone ("source" specs only)
+    stats.bridge.{family}.gram             [d_b, d_b]  frozen features of another family b
+    stats.bridge.{family}.cross            [d_b, d]    sum of x_b x^T over the same texts
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ __all__ = [
     "BRANCHES",
     "BUNDLE_FAMILY",
     "BUNDLE_GLOBAL",
+    "BUNDLE_STATS",
     "CARD_CLASSES",
     "CARD_FAMILY",
     "CARD_VERSION",
@@ -46,6 +55,7 @@ __all__ = [
     "GROUP_HEAD",
     "GROUP_LORA",
     "GROUP_PRIVATE",
+    "GROUP_STATS",
     "HEAD_BIAS",
     "HEAD_NAMES",
     "HEAD_WEIGHT",
@@ -77,6 +87,8 @@ __all__ = [
     "QUANT_NONE",
     "REGISTER_CARD",
     "SCALE_SUFFIX",
+    "STATS_KINDS",
+    "STATS_LEAVES",
     "UPDATE_ENCODING",
     "UPLOAD_GROUPS",
     "anchor_blocks",
@@ -91,6 +103,8 @@ __all__ = [
     "lora_factor",
     "lora_name",
     "private_name",
+    "stats_bridge_name",
+    "stats_name",
 ]
 
 PROTOCOL_VERSION = 1
@@ -102,6 +116,7 @@ GROUP_FAMILY = "family"
 GROUP_PRIVATE = "private"
 GROUP_LORA = "lora"
 GROUP_HEAD = "head"  # the family.head.* subset of the family group
+GROUP_STATS = "stats"  # class statistics (uploaded, never stored in a model)
 UPLOAD_GROUPS = (GROUP_GLOBAL, GROUP_FAMILY, GROUP_LORA)
 #: Every group an adapter handle can name.
 GROUPS = (GROUP_GLOBAL, GROUP_FAMILY, GROUP_PRIVATE, GROUP_HEAD, GROUP_LORA)
@@ -162,6 +177,13 @@ SCALE_SUFFIX = ".__scale__"
 #: Upload bundles: the global branch (FedAdapter only) and the family bundle (everything else).
 BUNDLE_GLOBAL = "global"
 BUNDLE_FAMILY = "family"
+BUNDLE_STATS = "stats"  # class statistics of the client's pooled features (server-fit heads)
+
+#: What a spec's ``stats`` field asks of a client: "" nothing; "own" statistics of its model as
+#: received; "source" those plus its frozen backbone's (a device's first client: the statistics
+#: other families map into their own space).
+STATS_KINDS = ("", "own", "source")
+STATS_LEAVES = ("gram", "sums", "counts")
 
 #: dtype name of a spec -> safetensors dtype tag.
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -189,6 +211,16 @@ def private_name(block: int, leaf: str) -> str:
 
 def head_name(leaf: str) -> str:
     return f"{GROUP_FAMILY}.head.{leaf}"
+
+
+def stats_name(part: str, leaf: str) -> str:
+    """``stats.{part}.{leaf}``: part ``own`` or ``frozen``, leaf one of STATS_LEAVES."""
+    return f"{GROUP_STATS}.{part}.{leaf}"
+
+
+def stats_bridge_name(family: str, leaf: str) -> str:
+    """``stats.bridge.{family}.{leaf}``: leaf ``gram`` or ``cross``."""
+    return f"{GROUP_STATS}.bridge.{family}.{leaf}"
 
 
 def lora_name(module: str, leaf: str) -> str:

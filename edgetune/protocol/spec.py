@@ -20,6 +20,7 @@ from typing import Any
 from edgetune.protocol.names import (
     BUNDLE_FAMILY,
     BUNDLE_GLOBAL,
+    BUNDLE_STATS,
     DTYPE_NAMES,
     GATES,
     GROUP_GLOBAL,
@@ -29,6 +30,8 @@ from edgetune.protocol.names import (
     KIND_FEDADAPTER,
     KIND_LORA,
     KINDS,
+    STATS_KINDS,
+    STATS_LEAVES,
     anchor_blocks,
     branch_leaf_shapes,
     family_name,
@@ -36,6 +39,8 @@ from edgetune.protocol.names import (
     layer_leaf_shapes,
     lora_name,
     private_name,
+    stats_bridge_name,
+    stats_name,
 )
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -71,6 +76,8 @@ SPEC_BOUNDS = {
     "n_classes": 1 << 20,
     "first_block": 1023,
     "lora_modules": 4096,
+    "bridges": 16,
+    "stats_dim": 4096,  # a d x d float32 Gram of 64 MiB at most
     "d_in": 1 << 16,
     "d_out": 1 << 20,  # an LM head's vocabulary
 }
@@ -108,6 +115,12 @@ class AdapterSpec:
     #: FedAdapter on blocks first_block..n_layers-1 only (``AdapterConfig(blocks="from:N")``);
     #: backward then stops above it (fewer FLOPs). Left out of the canonical JSON when 0.
     first_block: int = 0
+    #: Class statistics this client uploads (STATS_KINDS; the ``stats`` bundle) and the other
+    #: families ``(family, d)`` whose frozen features it pairs with its own (a device that runs
+    #: them too). Per client, not per family: left out of the family key, and of the canonical
+    #: JSON when unset.
+    stats: str = ""
+    bridges: tuple[tuple[str, int], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if not isinstance(self.family, str) or not _NAME_RE.match(self.family):
@@ -137,6 +150,29 @@ class AdapterSpec:
             if self.first_block != 0:
                 raise ProtocolError("bad_spec", "first_block applies to kind='fedadapter' only")
             self._check_lora_modules()
+        self._check_stats()
+
+    def _check_stats(self) -> None:
+        if self.stats not in STATS_KINDS:
+            raise ProtocolError("bad_spec", f"stats={self.stats!r} must be one of {STATS_KINDS}")
+        if not self.stats:
+            if self.bridges:
+                raise ProtocolError("bad_spec", "bridges need stats='own' or 'source'")
+            return
+        if self.n_classes < 2:
+            raise ProtocolError("bad_spec", f"stats need n_classes >= 2, got {self.n_classes}")
+        _positive("stats_dim", self.d_model)
+        if not isinstance(self.bridges, tuple) or len(self.bridges) > SPEC_BOUNDS["bridges"]:
+            raise ProtocolError("bad_spec", f"bridges: a tuple of at most {SPEC_BOUNDS['bridges']}")
+        seen = {self.family}
+        for entry in self.bridges:
+            ok = isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
+            if not ok or not _NAME_RE.match(entry[0]) or entry[0] in seen:
+                raise ProtocolError(
+                    "bad_spec", f"bridge {entry!r} must be (another family, d), each once"
+                )
+            seen.add(entry[0])
+            _positive(f"{entry[0]}.stats_dim", entry[1])
 
     def _check_lora_modules(self) -> None:
         mods = self.lora_modules
@@ -163,6 +199,9 @@ class AdapterSpec:
         width = 4 if self.dtype == "float32" else 2
         schema = {**self.global_tensors(), **self.family_tensors()}
         values = sum(math.prod(t.shape) for t in schema.values()) * width
+        stats = self.stats_tensors()
+        values += sum(math.prod(t.shape) for t in stats.values()) * 4  # always float32
+        schema.update(stats)
         header = 2 * sum(len(n) + 16 + HEADER_BYTES_PER_TENSOR for n in schema)
         return values, header
 
@@ -172,6 +211,11 @@ class AdapterSpec:
         if not self.first_block:
             out.pop("first_block")  # specs without it keep their canonical JSON and hash
         out["lora_modules"] = [list(m) for m in self.lora_modules]
+        if not self.stats:
+            out.pop("stats")
+            out.pop("bridges")
+        else:
+            out["bridges"] = [list(b) for b in self.bridges]
         return out
 
     def to_json(self) -> str:
@@ -195,6 +239,10 @@ class AdapterSpec:
         if not isinstance(mods, (list, tuple)):
             raise ProtocolError("bad_spec", "lora_modules must be a list of [name, d_in, d_out]")
         kwargs["lora_modules"] = tuple(tuple(m) if isinstance(m, list) else m for m in mods)
+        bridges = kwargs.get("bridges", [])
+        if not isinstance(bridges, (list, tuple)):
+            raise ProtocolError("bad_spec", "bridges must be a list of [family, d]")
+        kwargs["bridges"] = tuple(tuple(b) if isinstance(b, list) else b for b in bridges)
         try:
             return cls(**kwargs)
         except TypeError as exc:
@@ -211,6 +259,8 @@ class AdapterSpec:
     def family_key(self) -> str:
         """What every client of one family must agree on (LoRA ranks are per-client)."""
         data = self.to_dict()
+        data.pop("stats", None)
+        data.pop("bridges", None)
         if self.kind == KIND_LORA:
             data.pop("rank")
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
@@ -268,6 +318,19 @@ class AdapterSpec:
         }
         return {n: TensorSpec(n, s, GROUP_PRIVATE) for n, s in names.items()}
 
+    def stats_tensors(self) -> dict[str, TensorSpec]:
+        """The ``stats`` bundle (module docstring of `edgetune.protocol.names`); {} unset."""
+        if not self.stats:
+            return {}
+        d, k = self.d_model, self.n_classes
+        leaves = dict(zip(STATS_LEAVES, ((d, d), (k, d), (k,)), strict=True))
+        parts = ("own", "frozen") if self.stats == "source" else ("own",)
+        names = {stats_name(p, leaf): s for p in parts for leaf, s in leaves.items()}
+        for family, d_b in self.bridges:
+            names[stats_bridge_name(family, "gram")] = (d_b, d_b)
+            names[stats_bridge_name(family, "cross")] = (d_b, d)
+        return {n: TensorSpec(n, s, BUNDLE_STATS) for n, s in names.items()}
+
     def upload_tensors(self, bundles: tuple[str, ...] | None = None) -> dict[str, TensorSpec]:
         """The exact key set (and shapes) of an update sending ``bundles`` (default: all)."""
         if bundles is None:
@@ -282,6 +345,8 @@ class AdapterSpec:
         out = {BUNDLE_FAMILY: self.family_tensors()}
         if self.kind == KIND_FEDADAPTER:
             out = {BUNDLE_GLOBAL: self.global_tensors(), **out}
+        if self.stats:
+            out[BUNDLE_STATS] = self.stats_tensors()
         return out
 
     def bundles_of(self, names: Iterable[str]) -> tuple[str, ...]:
@@ -302,4 +367,4 @@ def first_block_of(blocks: str | tuple[int, ...]) -> int | None:
 
 @functools.lru_cache(maxsize=256)
 def _upload_schema(spec: AdapterSpec) -> dict[str, TensorSpec]:
-    return {**spec.global_tensors(), **spec.family_tensors()}
+    return {**spec.global_tensors(), **spec.family_tensors(), **spec.stats_tensors()}

@@ -14,6 +14,7 @@ from edgetune.protocol.codec import encode_payload
 from edgetune.protocol.names import (
     BUNDLE_FAMILY,
     BUNDLE_GLOBAL,
+    BUNDLE_STATS,
     COMPRESSION_NONE,
     COMPRESSIONS,
     DTYPE_NAMES,
@@ -117,7 +118,7 @@ class UpdateMeta:
 
 def _parse_bundles(text: str) -> tuple[str, ...]:
     names = text.split(",")
-    known = (BUNDLE_GLOBAL, BUNDLE_FAMILY)
+    known = (BUNDLE_GLOBAL, BUNDLE_FAMILY, BUNDLE_STATS)
     if not text or any(n not in known for n in names) or len(set(names)) != len(names):
         raise ProtocolError(
             "bad_bundles", f"{META_BUNDLES}={text!r}: a non-empty list of distinct {list(known)}"

@@ -47,7 +47,8 @@ class FamilyEvaluator:
             eval_test_at_end=False,
         )
         data = dataclasses.replace(config.data, local_holdout=0.0)
-        run = dataclasses.replace(config, client=client, data=data)
+        train = dataclasses.replace(config.train, head="sgd")  # it only loads heads: no statistics
+        run = dataclasses.replace(config, client=client, data=data, train=train)
         self.runtime = ClientRuntime(run, token or "", tier="evaluator")
         test = eval_subset(config, self.runtime.dataset.test)
         self.test = EncodedSplit(self.runtime.backbone, test, config.train.max_length)

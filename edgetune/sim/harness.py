@@ -64,6 +64,9 @@ def client_configs(
             shard=shard,
             shards=total,
             max_rounds=config.rounds,
+            # the device's first client pairs its features with the device's other backbones
+            bridges=group.also if backbone == group.backbone else (),
+            stats_source=backbone == group.backbone,
         )
         train = dataclasses.replace(config.train, seed=config.seed * 1000 + shard)
         configs.append(dataclasses.replace(config, client=client, train=train))

@@ -8,6 +8,7 @@ reply against its client's spec, logs and skips failures, and never raises for a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from edgetune.protocol import UPDATE_ENCODING, AdapterSpec
+from edgetune.protocol import GROUP_STATS, HEAD_BIAS, HEAD_WEIGHT, UPDATE_ENCODING, AdapterSpec
 from edgetune.strategies.aggregation import ClientUpdate, TensorDict
+from edgetune.strategies.class_stats import ClientStats, heads_from_clients, stats_problem
 
 if TYPE_CHECKING:
     from edgetune.config import RunConfig
@@ -67,7 +69,39 @@ def check_reply(update: ClientUpdate, spec: AdapterSpec) -> str | None:
     if not bool(torch.isfinite(flat).all()):
         bad = next(n for n, t in update.tensors.items() if not bool(torch.isfinite(t).all()))
         return f"{bad} is not finite"
-    return None
+    stats = _stats_of(update)
+    return stats_problem(stats, update.num_samples) if stats else None
+
+
+def _stats_of(update: ClientUpdate) -> dict[str, torch.Tensor]:
+    prefix = f"{GROUP_STATS}."
+    return {n: t for n, t in update.tensors.items() if n.startswith(prefix)}
+
+
+def _without_stats(update: ClientUpdate) -> ClientUpdate:
+    stats = _stats_of(update)
+    if not stats:
+        return update
+    rest = {n: t for n, t in update.tensors.items() if n not in stats}
+    return dataclasses.replace(update, tensors=rest)
+
+
+def fit_heads(state: State, models: Models, updates: Replies) -> list[str]:
+    """Replace each reporting family's head by the LDA head of the round's class statistics
+    (`edgetune.strategies.class_stats`); returns the families whose head was fit."""
+    clients = [ClientStats.from_wire(u.family, _stats_of(u)) for u in updates if _stats_of(u)]
+    fitted = []
+    for family, (weight, bias) in heads_from_clients(clients).items():
+        name = family_model(family)
+        model = models.get(name, state.get(name))
+        if model is None or HEAD_WEIGHT not in model:
+            continue
+        model = dict(model)
+        model[HEAD_WEIGHT] = weight.to(model[HEAD_WEIGHT].dtype)
+        model[HEAD_BIAS] = bias.to(model[HEAD_BIAS].dtype)
+        models[name] = model
+        fitted.append(family)
+    return fitted
 
 
 def first_non_finite(models: Models) -> str | None:
@@ -130,8 +164,10 @@ class Strategy(ABC):
                 skipped.append((u.client_id, reason))
         if not valid:
             return RoundResult({}, skipped, {"aggregated": 0, "reason": "no valid replies"})
+        core = [c for c in (_without_stats(u) for u in valid) if c.tensors]
         try:
-            models = self.aggregate(round_id, state, valid, specs)
+            models = self.aggregate(round_id, state, core, specs) if core else {}
+            heads = fit_heads(state, models, valid)
         except (ValueError, RuntimeError) as exc:  # numerical failure: keep the old state
             log.error("aggregation of round %d failed: %s", round_id, exc)
             return RoundResult(
@@ -142,6 +178,8 @@ class Strategy(ABC):
             log.error("aggregate of round %d is not finite (%s); not committed", round_id, bad)
             return RoundResult({}, skipped, {"aggregated": 0, "reason": f"{bad} not finite"})
         summary = {"aggregated": len(valid), "families": sorted({u.family for u in valid})}
+        if heads:
+            summary["heads_from_stats"] = heads
         return RoundResult(models, skipped, summary)
 
     @abstractmethod

@@ -14,8 +14,8 @@ under both, so it can also measure how one family's feature space maps onto the 
 Bridge b -> a (ridge regression of a's features on b's, fit on the devices running both):
     M_ba = (sum G_b + lam I)^-1 sum X_ba,   lam = ridge * tr(sum G_b) / d_b
 and the statistics of a device that runs b but not a enter a's total as (G, S, n) ->
-(M^T G M, S M, n): the exact statistics of its features mapped into a's space. Each device counts
-once per family (its first family with a bridge into a).
+(M^T G M, S M, n): the exact statistics of its features mapped into a's space. A device counts
+once per family: a device that runs a is in a's total through its own client of a, never mapped.
 
 Head from the totals: linear discriminant analysis with a shrunk pooled within-class covariance
     mu_c = S_c / n_c,  W = S_w / (N - K),  Sigma = (1 - s) W + s tr(W)/d I
@@ -24,15 +24,27 @@ Head from the totals: linear discriminant analysis with a shrunk pooled within-c
 from, balanced over classes as the balanced loss is). A class no device has gets a zero row and
 a bias below every other class.
 Everything is accumulated in float64: Gram sums cancel in the within-class covariance.
+
+In a run (`ClientStats`, `totals_for`, `heads_from_clients`), statistics arrive every round with the updates
+(the ``stats`` bundle). A family's own statistics are of its model *as the clients received it*
+(adapter included), so the head follows the adapted features; a device's first client also
+reports its *frozen* backbone's, and a client whose device runs another family b too reports
+b's frozen Gram and the cross products of b's frozen features with its own current ones. The
+bridge b -> a thus maps frozen b features into a's current space, and the frozen statistics of
+devices that run b but not a enter a's total through it: every term of one total lives in the
+same space, round after round.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from edgetune.protocol.names import GROUP_STATS, STATS_LEAVES, stats_bridge_name, stats_name
 
 # Defaults from a sweep on frozen MiniLM features (2 category sets x alpha 0.5/0.3/0.1 x 3 seeds,
 # L2-normalised): lam 0.05..2 and s 0.5..0.9 all within 0.5 point on the mean; (0.5, 0.9) had the
@@ -40,6 +52,7 @@ from torch import Tensor
 BRIDGE_RIDGE = 0.5  # lam as a share of the mean eigenvalue of G_b
 SHRINKAGE = 0.9  # weight of the scaled identity in the LDA covariance
 UNSEEN_MARGIN = 10.0  # an unseen class's bias sits this far below the lowest seen one
+BRIDGE_LEAVES = ("gram", "cross")
 
 
 @dataclass(frozen=True)
@@ -66,63 +79,12 @@ class ClassStats:
         return ClassStats(bridge.T @ self.gram @ bridge, self.sums @ bridge, self.counts)
 
 
-@dataclass(frozen=True)
-class DeviceStats:
-    """What one device reports: statistics per family it runs, cross products per family pair
-    (``cross[(a, b)]`` = sum x_a x_b^T over the same texts; one of the two orders suffices)."""
-
-    families: Mapping[str, ClassStats]
-    cross: Mapping[tuple[str, str], Tensor]
-
-    def cross_of(self, a: str, b: str) -> Tensor | None:
-        """sum x_a x_b^T, from whichever order the device reported."""
-        if (a, b) in self.cross:
-            return self.cross[(a, b)].to(torch.float64)
-        if (b, a) in self.cross:
-            return self.cross[(b, a)].to(torch.float64).T
-        return None
-
-
 def bridge_map(source_gram: Tensor, cross: Tensor, ridge: float = BRIDGE_RIDGE) -> Tensor:
     """Ridge map from source features to target ones: (G + lam I)^-1 X, lam = ridge*tr(G)/d."""
     d = source_gram.shape[0]
     lam = ridge * float(torch.trace(source_gram)) / d
     eye = torch.eye(d, dtype=torch.float64)
     return torch.linalg.solve(source_gram.to(torch.float64) + lam * eye, cross.to(torch.float64))
-
-
-def bridges_into(
-    target: str, devices: Sequence[DeviceStats], ridge: float = BRIDGE_RIDGE
-) -> dict[str, Tensor]:
-    """Source family -> map into ``target``'s space, fit on the devices that run both."""
-    maps: dict[str, Tensor] = {}
-    sources = sorted({f for dev in devices for f in dev.families if f != target})
-    for source in sources:
-        pairs = [dev for dev in devices if target in dev.families and source in dev.families]
-        crosses = [dev.cross_of(source, target) for dev in pairs]
-        if not pairs or any(c is None for c in crosses):
-            continue
-        gram = sum(dev.families[source].gram.to(torch.float64) for dev in pairs)
-        maps[source] = bridge_map(gram, sum(crosses), ridge)
-    return maps
-
-
-def family_totals(
-    target: str, devices: Sequence[DeviceStats], ridge: float = BRIDGE_RIDGE
-) -> ClassStats | None:
-    """``target``'s own statistics plus every other device's, mapped through a bridge."""
-    maps = bridges_into(target, devices, ridge)
-    total: ClassStats | None = None
-    for dev in devices:
-        if target in dev.families:
-            part = dev.families[target]
-        else:
-            source = next((f for f in sorted(dev.families) if f in maps), None)
-            if source is None:
-                continue
-            part = dev.families[source].mapped(maps[source])
-        total = part if total is None else total + part
-    return total
 
 
 def lda_head(stats: ClassStats, shrinkage: float = SHRINKAGE) -> tuple[Tensor, Tensor]:
@@ -150,13 +112,99 @@ def lda_head(stats: ClassStats, shrinkage: float = SHRINKAGE) -> tuple[Tensor, T
     return weight, bias
 
 
-def family_heads(
-    devices: Sequence[DeviceStats], shrinkage: float = SHRINKAGE, ridge: float = BRIDGE_RIDGE
+# -- statistics as they arrive in a run ------------------------------------------------------------
+@dataclass(frozen=True)
+class ClientStats:
+    """One client's ``stats`` bundle: its family's statistics of the model as received, its
+    frozen backbone's (None: not its device's first client) and, per other family b its device
+    runs, (b's frozen Gram [d_b, d_b], sum of x_b x^T [d_b, d])."""
+
+    family: str
+    own: ClassStats
+    frozen: ClassStats | None
+    bridges: Mapping[str, tuple[Tensor, Tensor]]
+
+    @classmethod
+    def from_wire(cls, family: str, tensors: Mapping[str, Tensor]) -> ClientStats:
+        """From an update's tensors (shapes already checked against the client's spec)."""
+
+        def part(name: str) -> ClassStats | None:
+            leaves = [tensors.get(stats_name(name, leaf)) for leaf in STATS_LEAVES]
+            if leaves[0] is None:
+                return None
+            return ClassStats(*(t.to(torch.float64) for t in leaves))
+
+        own = part("own")
+        if own is None:
+            raise ValueError("the update holds no stats.own tensors")
+        prefix = f"{GROUP_STATS}.bridge."
+        others = {n[len(prefix) :].rsplit(".", 1)[0] for n in tensors if n.startswith(prefix)}
+        bridges = {
+            b: tuple(
+                tensors[stats_bridge_name(b, leaf)].to(torch.float64) for leaf in BRIDGE_LEAVES
+            )
+            for b in sorted(others)
+        }
+        return cls(family, own, part("frozen"), bridges)
+
+
+def stats_problem(tensors: Mapping[str, Tensor], num_samples: int) -> str | None:
+    """Why a (shape-checked, finite) stats bundle cannot be real statistics, or None: counts
+    must be whole, non-negative and sum to at most ``num_samples``; Gram diagonals >= 0."""
+    for part in ("own", "frozen"):
+        counts = tensors.get(stats_name(part, "counts"))
+        if counts is None:
+            continue
+        if bool((counts < 0).any()) or not bool((counts == counts.round()).all()):
+            return f"{stats_name(part, 'counts')} must hold whole non-negative counts"
+        if float(counts.sum()) > num_samples:
+            return f"{stats_name(part, 'counts')} sums to more than num_samples={num_samples}"
+    for name, t in tensors.items():
+        if name.endswith(".gram") and bool((torch.diagonal(t) < 0).any()):
+            return f"{name} has a negative diagonal: not a Gram matrix"
+    return None
+
+
+def totals_for(
+    target: str, clients: Sequence[ClientStats], ridge: float = BRIDGE_RIDGE
+) -> ClassStats | None:
+    """``target``'s own statistics plus the frozen ones of every device that does not run it,
+    mapped through the bridge from that device's family (module docstring)."""
+    own = [c.own for c in clients if c.family == target]
+    if not own:
+        return None
+    total = own[0]
+    for stats in own[1:]:
+        total = total + stats
+    pairs: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for c in clients:
+        if c.family == target:
+            for source, pair in c.bridges.items():
+                pairs.setdefault(source, []).append(pair)
+    maps = {
+        source: bridge_map(sum(g for g, _ in ps), sum(x for _, x in ps), ridge)
+        for source, ps in pairs.items()
+    }
+    for c in clients:
+        runs_target = c.family == target or target in c.bridges
+        if not runs_target and c.frozen is not None and c.family in maps:
+            total = total + c.frozen.mapped(maps[c.family])
+    return total
+
+
+def heads_from_clients(
+    clients: Sequence[ClientStats], shrinkage: float = SHRINKAGE, ridge: float = BRIDGE_RIDGE
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Family -> LDA (weight, bias) from every device's statistics, bridged across families."""
+    """Family -> LDA (weight, bias) for every family that reported statistics.
+
+    A family whose totals cannot give a head (fewer than two classes seen) is left out.
+    """
     heads: dict[str, tuple[Tensor, Tensor]] = {}
-    for family in sorted({f for dev in devices for f in dev.families}):
-        total = family_totals(family, devices, ridge)
-        if total is not None:
-            heads[family] = lda_head(total, shrinkage)
+    for family in sorted({c.family for c in clients}):
+        total = totals_for(family, clients, ridge)
+        if total is None or int((total.counts > 0).sum()) < 2:
+            continue
+        weight, bias = lda_head(total, shrinkage)
+        if math.isfinite(float(weight.abs().sum() + bias.abs().sum())):
+            heads[family] = (weight, bias)
     return heads

@@ -111,6 +111,11 @@ def test_a_device_of_a_group_with_also_trains_each_backbone_on_its_own_shard(tmp
         ("tiny-bert-d48-l3", 2, 3),
     ]
     assert len({c.state_dir for c in clients}) == 5  # every client keeps its own state
+    # the device's first client pairs its features with the device's other backbone (the
+    # bridge) and reports its frozen statistics; the device's second client does neither
+    roles = [(c.bridges, c.stats_source) for c in clients]
+    first = (("tiny-bert-d48-l3",), True)
+    assert roles == [first, ((), False), first, ((), False), ((), True)]
     seeds = [c.train.seed for c in client_configs(config, tmp_path, "http://127.0.0.1:9")]
     assert seeds[0] == seeds[1] != seeds[2]  # the seed follows the shard
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edgetune.protocol import AdapterSpec, stats_bridge_name, stats_name
 from edgetune.strategies.class_stats import (
     UNSEEN_MARGIN,
     ClassStats,
-    DeviceStats,
+    ClientStats,
     bridge_map,
-    family_heads,
-    family_totals,
+    heads_from_clients,
     lda_head,
+    stats_problem,
+    totals_for,
 )
 
 F64 = torch.float64
@@ -82,45 +84,109 @@ def _gaussian_classes(gen: torch.Generator, n: int, d: int) -> tuple[torch.Tenso
     return centres[labels] + torch.randn(3 * n, d, generator=gen, dtype=F64), labels
 
 
+def _client(family: str, x: torch.Tensor, y: torch.Tensor, *, frozen: torch.Tensor | None = None,
+            bridges: dict[str, torch.Tensor] | None = None) -> ClientStats:  # fmt: skip
+    """A client of ``family`` with current features ``x``; ``frozen`` its frozen ones (a
+    device's first client); ``bridges``: other family -> its frozen features of the same texts."""
+    pairs = {b: (xb.T @ xb, xb.T @ x) for b, xb in (bridges or {}).items()}
+    source = None if frozen is None else ClassStats.of(frozen, y, 3)
+    return ClientStats(family, ClassStats.of(x, y, 3), source, pairs)
+
+
 def test_a_class_only_another_family_saw_reaches_the_head_through_the_bridge() -> None:
-    # family "b" features are an invertible linear image of family "a"'s; device 0 runs both
-    # (classes 0 and 1 only), device 1 runs only b and holds class 2.
+    # family "b"'s frozen features are an invertible linear image of family "a"'s current ones;
+    # device 0 runs both (classes 0 and 1 only), device 1 runs only b and holds class 2.
     gen = torch.Generator().manual_seed(1)
     xa, y = _gaussian_classes(gen, 60, 4)
     to_b = torch.randn(4, 4, generator=gen, dtype=F64) + 3 * torch.eye(4, dtype=F64)
     xb = xa @ to_b
     pair, lone = y < 2, y == 2
-    dev0 = DeviceStats(
-        {"a": ClassStats.of(xa[pair], y[pair], 3), "b": ClassStats.of(xb[pair], y[pair], 3)},
-        {("a", "b"): xa[pair].T @ xb[pair]},
-    )
-    dev1 = DeviceStats({"b": ClassStats.of(xb[lone], y[lone], 3)}, {})
-    total = family_totals("a", [dev0, dev1], ridge=1e-12)
+    dev0_a = _client("a", xa[pair], y[pair], frozen=xa[pair], bridges={"b": xb[pair]})
+    dev0_b = _client("b", xb[pair], y[pair])  # the device's second client: no frozen part
+    dev1 = _client("b", xb[lone], y[lone], frozen=xb[lone])
+    clients = [dev0_a, dev0_b, dev1]
+    total = totals_for("a", clients, ridge=1e-12)
     direct = ClassStats.of(xa, y, 3)  # what a would have summed had it seen every sample
     assert torch.allclose(total.counts, direct.counts)
     assert torch.allclose(total.sums, direct.sums, atol=1e-6)
     assert torch.allclose(total.gram, direct.gram, atol=1e-5)
-    heads = family_heads([dev0, dev1], ridge=1e-12)
-    weight, bias = heads["a"]
+    weight, bias = heads_from_clients(clients, ridge=1e-12)["a"]
     accuracy = ((xa @ weight.T + bias).argmax(1) == y).double().mean()
     assert accuracy > 0.95  # class 2 included: without the bridge its row would be empty
-    alone, _ = family_heads([dev0])["a"]
+    alone, _ = heads_from_clients([dev0_a])["a"]
     assert alone[2].abs().sum() == 0
+    # b's own total: both of its clients, nothing mapped back from a (device 0 runs b itself)
+    assert totals_for("b", clients).counts.tolist() == ClassStats.of(xb, y, 3).counts.tolist()
+
+
+def test_the_bridge_maps_frozen_source_features_into_the_current_target_space() -> None:
+    # a's features drifted since the start (current = frozen @ drift): the bridge is fit from
+    # b's frozen features to a's *current* ones, so b's lone device lands where a's model is now
+    gen = torch.Generator().manual_seed(3)
+    xb, y = _gaussian_classes(gen, 50, 4)
+    drift = torch.randn(4, 4, generator=gen, dtype=F64) + 2 * torch.eye(4, dtype=F64)
+    xa_frozen, pair = xb.clone(), y < 2
+    xa_now = xa_frozen @ drift
+    dev0 = _client("a", xa_now[pair], y[pair], frozen=xa_frozen[pair], bridges={"b": xb[pair]})
+    dev1 = _client("b", xb[~pair], y[~pair], frozen=xb[~pair])
+    total = totals_for("a", [dev0, dev1], ridge=1e-12)
+    assert torch.allclose(total.sums, ClassStats.of(xa_now, y, 3).sums, atol=1e-6)
 
 
 def test_a_device_counts_once_per_target_family() -> None:
     gen = torch.Generator().manual_seed(2)
     x, y = _gaussian_classes(gen, 10, 3)
-    s = ClassStats.of(x, y, 3)
-    cross = {("a", "b"): x.T @ x, ("a", "c"): x.T @ x}
-    pair = DeviceStats({"a": s, "b": s, "c": s}, cross)
-    other = DeviceStats({"b": s, "c": s}, {("b", "c"): x.T @ x})  # runs two sources of a
-    total = family_totals("a", [pair, other])
-    assert total.counts.tolist() == (2 * s.counts).tolist()
+    # device 0 runs a (bridging b and c), device 1 runs b (first) and c: mapped into a once
+    dev0 = _client("a", x, y, frozen=x, bridges={"b": x, "c": x})
+    dev1_b = _client("b", x, y, frozen=x, bridges={"c": x})
+    dev1_c = _client("c", x, y)
+    total = totals_for("a", [dev0, dev1_b, dev1_c])
+    assert total.counts.tolist() == (2 * ClassStats.of(x, y, 3).counts).tolist()
 
 
-def test_cross_products_are_read_in_either_order() -> None:
-    x = torch.arange(6, dtype=F64).reshape(3, 2)
-    dev = DeviceStats({}, {("a", "b"): x})
-    assert torch.equal(dev.cross_of("b", "a"), x.T)
-    assert dev.cross_of("a", "c") is None
+def _wire(spec: AdapterSpec, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    x = torch.randn(20, spec.d_model, generator=gen, dtype=F64)
+    y = torch.arange(20) % spec.n_classes
+    s = ClassStats.of(x, y, spec.n_classes)
+    out = {}
+    for part in ("own", "frozen"):
+        out.update({stats_name(part, k): getattr(s, k).float() for k in ("gram", "sums", "counts")})
+    for family, d_b in spec.bridges:
+        xb = torch.randn(20, d_b, generator=gen, dtype=F64)
+        out[stats_bridge_name(family, "gram")] = (xb.T @ xb).float()
+        out[stats_bridge_name(family, "cross")] = (xb.T @ x).float()
+    return out
+
+
+def test_wire_tensors_round_trip_into_client_stats() -> None:
+    spec = AdapterSpec("a", "fp", 5, 2, 4, n_classes=3, stats="source", bridges=(("b", 7),))
+    wire = _wire(spec, torch.Generator().manual_seed(4))
+    assert set(wire) == set(spec.stats_tensors())
+    for name, t in wire.items():
+        assert tuple(t.shape) == spec.stats_tensors()[name].shape
+    client = ClientStats.from_wire("a", wire)
+    assert client.own.gram.dtype == F64 and client.frozen is not None
+    assert set(client.bridges) == {"b"} and client.bridges["b"][1].shape == (7, 5)
+    assert stats_problem(wire, num_samples=20) is None
+
+
+@pytest.mark.parametrize(
+    ("leaf", "value", "problem"),
+    [
+        ("counts", [-1.0, 10.0, 11.0], "whole non-negative"),
+        ("counts", [0.5, 10.0, 9.5], "whole non-negative"),
+        ("counts", [7.0, 7.0, 7.0], "more than num_samples"),
+    ],
+)
+def test_implausible_statistics_are_named(leaf: str, value: list[float], problem: str) -> None:
+    spec = AdapterSpec("a", "fp", 5, 2, 4, n_classes=3, stats="own")
+    wire = _wire(spec, torch.Generator().manual_seed(5))
+    wire[stats_name("own", leaf)] = torch.tensor(value)
+    assert problem in stats_problem(wire, num_samples=20)
+
+
+def test_a_gram_with_a_negative_diagonal_is_refused() -> None:
+    spec = AdapterSpec("a", "fp", 5, 2, 4, n_classes=3, stats="own")
+    wire = _wire(spec, torch.Generator().manual_seed(6))
+    wire[stats_name("own", "gram")][2, 2] = -1.0
+    assert "negative diagonal" in stats_problem(wire, num_samples=20)

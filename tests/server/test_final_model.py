@@ -174,14 +174,15 @@ def test_a_lora_runs_final_model_is_a_peft_adapter_with_our_logits(live_server, 
     factors by alpha / r in float32 and peft multiplies the scaling back in another order, so
     the two sides differ by float32 rounding (~1e-7 relative), not by any modelling difference."""
     peft = pytest.importorskip("peft")
+    # round 1 gathers class statistics (server-fit heads), round 2 trains the LoRA factors
     srv = live_server(
-        strategy="fedavg-lora", rounds=1, min_clients=1, groups=(ClientGroup(backbone=BACKBONE),)
+        strategy="fedavg-lora", rounds=2, min_clients=1, groups=(ClientGroup(backbone=BACKBONE),)
     )
     config = _client_config(srv.url, tmp_path / "a", ("computers", "food"), strategy="fedavg-lora")
     runtime = ClientRuntime(config, JOIN_TOKEN)
     _run_all([runtime])
     family = runtime.spec.family
-    wait_for_final(tmp_path / "state" / "final" / family, 1)
+    wait_for_final(tmp_path / "state" / "final" / family, 2)
     folder = tmp_path / "state" / "final" / family / "peft"
     peft_config = json.loads((folder / "adapter_config.json").read_text())
     assert peft_config["base_model_name_or_path"] == BACKBONE and peft_config["r"] == 8
@@ -189,7 +190,7 @@ def test_a_lora_runs_final_model_is_a_peft_adapter_with_our_logits(live_server, 
     served = ServerClient(srv.url, token=runtime.state["token"])
     wire, _ = served.download(f"/v1/families/{family}")
     served.close()
-    runtime.hooks.load_family(runtime.handle, wire, 1)
+    runtime.hooks.load_family(runtime.handle, wire, 2)
     tokens = runtime.backbone.tokenizer(
         ["a faster processor and more memory", "a good dinner with friends"],
         padding=True,
