@@ -149,7 +149,7 @@ def _wire(spec: AdapterSpec, gen: torch.Generator) -> dict[str, torch.Tensor]:
     y = torch.arange(20) % spec.n_classes
     s = ClassStats.of(x, y, spec.n_classes)
     out = {}
-    for part in ("own", "frozen"):
+    for part in ("own", "frozen") if spec.stats == "source" else ("own",):
         out.update({stats_name(part, k): getattr(s, k).float() for k in ("gram", "sums", "counts")})
     for family, d_b in spec.bridges:
         xb = torch.randn(20, d_b, generator=gen, dtype=F64)
@@ -190,3 +190,26 @@ def test_a_gram_with_a_negative_diagonal_is_refused() -> None:
     wire = _wire(spec, torch.Generator().manual_seed(6))
     wire[stats_name("own", "gram")][2, 2] = -1.0
     assert "negative diagonal" in stats_problem(wire, num_samples=20)
+
+
+def test_a_round_of_statistics_fits_the_head_and_skips_an_implausible_reply() -> None:
+    from edgetune.protocol import HEAD_BIAS, HEAD_WEIGHT, initial_tensors
+    from edgetune.strategies.aggregation import ClientUpdate
+    from edgetune.strategies.base import family_model
+    from edgetune.strategies.fedadapter import FedAdapterStrategy
+
+    spec = AdapterSpec("a", "fp", 5, 2, 4, n_classes=3, stats="own")
+    glob, fam = initial_tensors(spec, seed=0)
+    state = {"global": glob, family_model("a"): fam}
+    good = _wire(spec, torch.Generator().manual_seed(7))
+    bad = dict(good) | {stats_name("own", "counts"): torch.tensor([-5.0, 10.0, 10.0])}
+    updates = [ClientUpdate("c1", "a", 20, good), ClientUpdate("c2", "a", 20, bad)]
+    result = FedAdapterStrategy().aggregate_round(1, state, updates, {"c1": spec, "c2": spec})
+    assert [c for c, _ in result.skipped] == ["c2"] and result.summary["heads_from_stats"] == ["a"]
+    model = result.models[family_model("a")]
+    weight, bias = lda_head(ClientStats.from_wire("a", good).own)
+    assert torch.allclose(model[HEAD_WEIGHT].double(), weight, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(model[HEAD_BIAS].double(), bias, rtol=1e-5, atol=1e-5)
+    unchanged = [n for n in fam if n not in (HEAD_WEIGHT, HEAD_BIAS)]
+    assert all(torch.equal(model[n], fam[n]) for n in unchanged)  # nothing else moved
+    assert "global" not in result.models  # no adapter was trained this round
