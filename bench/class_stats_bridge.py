@@ -3,10 +3,11 @@
     python bench/class_stats_bridge.py                 # 3 settings x 3 seeds (~10 min, 2 cores)
     python bench/class_stats_bridge.py --settings demo-a0.1 --seeds 0
 
-What `edgetune.strategies.class_stats` would give each family's head if every device reported
-the statistics of its local training texts under the frozen backbones of the families it runs
-(the devices and shards of the demo config: four MiniLM-L6 devices that also run MiniLM-L3, two
-that run only MiniLM-L3). Rows per family, scored on the run's evaluation subset:
+The head `edgetune.strategies.class_stats` gives each family in a run's first statistics round
+(`train.head = "stats"`: every device reports the statistics of its local training texts under
+the frozen backbones of the families it runs; the devices and shards of the demo config: four
+MiniLM-L6 devices that also run MiniLM-L3, two that run only MiniLM-L3), with the alternatives
+it is measured against. Rows per family, scored on the run's evaluation subset:
 
 - ``probe``: the reference row (logistic regression on every training text, normalised features);
 - ``lda_own``: LDA head from the statistics of the devices that run the family;

@@ -23,6 +23,7 @@ from edgetune.protocol import (
     decompress_tensors,
     int8_wire_schema,
     parse_header,
+    wire_group,
 )
 
 #: Protocol error codes that mean "these bytes are not a well-formed payload" (400); the rest
@@ -191,7 +192,9 @@ def validate_update(
         tensors = decompress_tensors(wire, meta.compression)
     except ProtocolError as exc:
         raise from_protocol_error(exc) from exc
-    check_finite(tensors, max_abs_value)
+    # class statistics are sums over the client's texts (they grow with its data): finite only;
+    # the strategy checks their counts against num_samples before it uses them
+    check_finite({n: t for n, t in tensors.items() if wire_group(n) != GROUP_STATS}, max_abs_value)
     return ValidatedUpdate(meta, tensors)
 
 

@@ -150,7 +150,11 @@ class ClientStats:
 
 def stats_problem(tensors: Mapping[str, Tensor], num_samples: int) -> str | None:
     """Why a (shape-checked, finite) stats bundle cannot be real statistics, or None: counts
-    must be whole, non-negative and sum to at most ``num_samples``; Gram diagonals >= 0."""
+    must be whole, non-negative and sum to at most ``num_samples``, Gram diagonals >= 0 and
+    class sums within the Cauchy-Schwarz bound of counts and Gram."""
+    for name, t in tensors.items():
+        if name.endswith(".gram") and bool((torch.diagonal(t) < 0).any()):
+            return f"{name} has a negative diagonal: not a Gram matrix"
     for part in ("own", "frozen"):
         counts = tensors.get(stats_name(part, "counts"))
         if counts is None:
@@ -159,9 +163,13 @@ def stats_problem(tensors: Mapping[str, Tensor], num_samples: int) -> str | None
             return f"{stats_name(part, 'counts')} must hold whole non-negative counts"
         if float(counts.sum()) > num_samples:
             return f"{stats_name(part, 'counts')} sums to more than num_samples={num_samples}"
-    for name, t in tensors.items():
-        if name.endswith(".gram") and bool((torch.diagonal(t) < 0).any()):
-            return f"{name} has a negative diagonal: not a Gram matrix"
+        # Cauchy-Schwarz: a class sum cannot outgrow its count times the Gram diagonal (sums
+        # inflated beyond any real features would otherwise drag every class mean)
+        gram = tensors[stats_name(part, "gram")].to(torch.float64)
+        sums = tensors[stats_name(part, "sums")].to(torch.float64)
+        bound = counts.to(torch.float64)[:, None] * torch.diagonal(gram).clamp(min=0)[None, :]
+        if bool((sums.square() > bound * (1 + 1e-3) + 1e-6).any()):
+            return f"{stats_name(part, 'sums')} exceed what the counts and Gram allow"
     return None
 
 

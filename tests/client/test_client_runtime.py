@@ -61,13 +61,15 @@ def server(tmp_path):
     proc.wait()
 
 
-def _config(url: str, state: Path, max_rounds: int = 0, **client) -> RunConfig:
+def _config(url: str, state: Path, max_rounds: int = 0, head: str = "sgd", **client) -> RunConfig:
+    """A tiny client; ``head="sgd"`` by default so round 1 trains (with ``"stats"`` round 1
+    only gathers class statistics: `test_stats_heads.py` covers that path)."""
     keys = {"backbone": "tiny-bert-d32-l2", "poll_s": 0.1, "eval_test_at_end": False, **client}
     return RunConfig(
         rounds=2,
         data=DataConfig(categories=("computers", "food"), max_per_class=20),
         adapter=AdapterConfig(rank=4, n_anchors=1),
-        train=TrainConfig(batch_size=8, max_length=16),
+        train=TrainConfig(batch_size=8, max_length=16, head=head),
         client=ClientConfig(url=url, state_dir=str(state), max_rounds=max_rounds, **keys),
     )
 

@@ -185,6 +185,13 @@ def test_implausible_statistics_are_named(leaf: str, value: list[float], problem
     assert problem in stats_problem(wire, num_samples=20)
 
 
+def test_class_sums_beyond_what_counts_and_gram_allow_are_refused() -> None:
+    spec = AdapterSpec("a", "fp", 5, 2, 4, n_classes=3, stats="own")
+    wire = _wire(spec, torch.Generator().manual_seed(8))
+    wire[stats_name("own", "sums")][1, 3] = 1e6  # a poisoned mean, Gram left as it was
+    assert "exceed what the counts and Gram allow" in stats_problem(wire, num_samples=20)
+
+
 def test_a_gram_with_a_negative_diagonal_is_refused() -> None:
     spec = AdapterSpec("a", "fp", 5, 2, 4, n_classes=3, stats="own")
     wire = _wire(spec, torch.Generator().manual_seed(6))
