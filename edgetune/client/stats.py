@@ -13,7 +13,8 @@ features its head sees (`edgetune.strategies.class_stats` has the math; the wire
   once in fp32 for one pass over the texts, then dropped).
 
 Cost per round: one forward pass over the client's texts (no backward), beside the training
-epochs; bytes: float32, d x d per Gram (MiniLM: 0.59 MB), K x d sums, K counts.
+epochs; bytes: float32, d (d + 1) / 2 per Gram (its upper triangle; MiniLM: 0.30 MB), K x d
+sums, K counts, d_b x d per bridge's cross products (MiniLM: 0.59 MB).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from edgetune.data.datasets import Split
 from edgetune.models.heads import build_task_model
 from edgetune.models.zoo import load_backbone
 from edgetune.protocol import STATS_LEAVES, stats_bridge_name, stats_name
+from edgetune.strategies.class_stats import pack_symmetric
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def pooled_features(task: nn.Module, data: EncodedSplit) -> Tensor:
 def class_stats(part: str, x: Tensor, labels: Tensor, n_classes: int) -> dict[str, Tensor]:
     """``stats.<part>.{gram,sums,counts}`` of features ``x`` [n, d], float32."""
     onehot = nn.functional.one_hot(labels.long(), n_classes).to(torch.float64)
-    values = (x.T @ x, onehot.T @ x, onehot.sum(0))
+    values = (pack_symmetric(x.T @ x), onehot.T @ x, onehot.sum(0))
     return {
         stats_name(part, leaf): v.to(torch.float32)
         for leaf, v in zip(STATS_LEAVES, values, strict=True)
@@ -86,7 +88,7 @@ class StatsReporter:
         self.bridge_dims: list[tuple[str, int]] = []
         for name in bridges:
             family, x_b = frozen_features(name, split, n_classes, max_length)
-            self.bridge_features[family] = (x_b, (x_b.T @ x_b).to(torch.float32))
+            self.bridge_features[family] = (x_b, pack_symmetric(x_b.T @ x_b).to(torch.float32))
             self.bridge_dims.append((family, int(x_b.shape[1])))
 
     def tensors(self, task: nn.Module) -> dict[str, Tensor]:

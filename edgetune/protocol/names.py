@@ -25,10 +25,11 @@ LoRA baselines: ``lora.{module}.A`` [rank, d_in], ``lora.{module}.B`` [d_out, ra
 Class statistics (the ``stats`` bundle of a spec with ``stats`` set; K classes, features of the
 pooled state the head sees, float32, never compressed; `edgetune.strategies.class_stats`)::
 
-    stats.own.gram / .sums / .counts       [d, d] / [K, d] / [K]  the model as received
+    stats.own.gram / .sums / .counts       [d(d+1)/2] / [K, d] / [K]  the model as received
     stats.frozen.gram / .sums / .counts    the same, frozen backbone ("source" specs only)
-    stats.bridge.{family}.gram             [d_b, d_b]  frozen features of another family b
+    stats.bridge.{family}.gram             [d_b(d_b+1)/2]  frozen features of another family b
     stats.bridge.{family}.cross            [d_b, d]    sum of x_b x^T over the same texts
+    (a Gram travels as its upper triangle, row by row: `class_stats.pack_symmetric`)
 """
 
 from __future__ import annotations

@@ -323,11 +323,11 @@ class AdapterSpec:
         if not self.stats:
             return {}
         d, k = self.d_model, self.n_classes
-        leaves = dict(zip(STATS_LEAVES, ((d, d), (k, d), (k,)), strict=True))
+        leaves = dict(zip(STATS_LEAVES, ((d * (d + 1) // 2,), (k, d), (k,)), strict=True))
         parts = ("own", "frozen") if self.stats == "source" else ("own",)
         names = {stats_name(p, leaf): s for p in parts for leaf, s in leaves.items()}
         for family, d_b in self.bridges:
-            names[stats_bridge_name(family, "gram")] = (d_b, d_b)
+            names[stats_bridge_name(family, "gram")] = (d_b * (d_b + 1) // 2,)
             names[stats_bridge_name(family, "cross")] = (d_b, d)
         return {n: TensorSpec(n, s, BUNDLE_STATS) for n, s in names.items()}
 

@@ -55,6 +55,23 @@ UNSEEN_MARGIN = 10.0  # an unseen class's bias sits this far below the lowest se
 BRIDGE_LEAVES = ("gram", "cross")
 
 
+def pack_symmetric(matrix: Tensor) -> Tensor:
+    """The upper triangle of a symmetric [d, d] matrix, row by row: [d (d + 1) / 2] (a Gram
+    travels like this: half the bytes)."""
+    d = matrix.shape[0]
+    rows, cols = torch.triu_indices(d, d)
+    return matrix[rows, cols]
+
+
+def unpack_symmetric(packed: Tensor, d: int) -> Tensor:
+    """The [d, d] symmetric matrix of `pack_symmetric`'s output."""
+    rows, cols = torch.triu_indices(d, d)
+    out = packed.new_zeros(d, d)
+    out[rows, cols] = packed
+    out[cols, rows] = packed
+    return out
+
+
 @dataclass(frozen=True)
 class ClassStats:
     """Summed statistics of one family's pooled features: Gram, per-class sums and counts."""
@@ -132,19 +149,20 @@ class ClientStats:
             leaves = [tensors.get(stats_name(name, leaf)) for leaf in STATS_LEAVES]
             if leaves[0] is None:
                 return None
-            return ClassStats(*(t.to(torch.float64) for t in leaves))
+            gram, sums, counts = (t.to(torch.float64) for t in leaves)
+            return ClassStats(unpack_symmetric(gram, sums.shape[1]), sums, counts)
 
         own = part("own")
         if own is None:
             raise ValueError("the update holds no stats.own tensors")
         prefix = f"{GROUP_STATS}.bridge."
         others = {n[len(prefix) :].rsplit(".", 1)[0] for n in tensors if n.startswith(prefix)}
-        bridges = {
-            b: tuple(
-                tensors[stats_bridge_name(b, leaf)].to(torch.float64) for leaf in BRIDGE_LEAVES
+        bridges = {}
+        for b in sorted(others):
+            gram, cross = (
+                tensors[stats_bridge_name(b, k)].to(torch.float64) for k in BRIDGE_LEAVES
             )
-            for b in sorted(others)
-        }
+            bridges[b] = (unpack_symmetric(gram, cross.shape[0]), cross)
         return cls(family, own, part("frozen"), bridges)
 
 
@@ -152,22 +170,24 @@ def stats_problem(tensors: Mapping[str, Tensor], num_samples: int) -> str | None
     """Why a (shape-checked, finite) stats bundle cannot be real statistics, or None: counts
     must be whole, non-negative and sum to at most ``num_samples``, Gram diagonals >= 0 and
     class sums within the Cauchy-Schwarz bound of counts and Gram."""
-    for name, t in tensors.items():
-        if name.endswith(".gram") and bool((torch.diagonal(t) < 0).any()):
+    client = ClientStats.from_wire("", tensors)
+    parts = {"own": client.own, "frozen": client.frozen}
+    grams = {stats_name(p, "gram"): c.gram for p, c in parts.items() if c is not None}
+    grams.update({stats_bridge_name(b, "gram"): g for b, (g, _) in client.bridges.items()})
+    for name, gram in grams.items():
+        if bool((torch.diagonal(gram) < 0).any()):
             return f"{name} has a negative diagonal: not a Gram matrix"
-    for part in ("own", "frozen"):
-        counts = tensors.get(stats_name(part, "counts"))
-        if counts is None:
+    for part, stats in parts.items():
+        if stats is None:
             continue
+        counts, gram, sums = stats.counts, stats.gram, stats.sums
         if bool((counts < 0).any()) or not bool((counts == counts.round()).all()):
             return f"{stats_name(part, 'counts')} must hold whole non-negative counts"
         if float(counts.sum()) > num_samples:
             return f"{stats_name(part, 'counts')} sums to more than num_samples={num_samples}"
         # Cauchy-Schwarz: a class sum cannot outgrow its count times the Gram diagonal (sums
         # inflated beyond any real features would otherwise drag every class mean)
-        gram = tensors[stats_name(part, "gram")].to(torch.float64)
-        sums = tensors[stats_name(part, "sums")].to(torch.float64)
-        bound = counts.to(torch.float64)[:, None] * torch.diagonal(gram).clamp(min=0)[None, :]
+        bound = counts[:, None] * torch.diagonal(gram).clamp(min=0)[None, :]
         if bool((sums.square() > bound * (1 + 1e-3) + 1e-6).any()):
             return f"{stats_name(part, 'sums')} exceed what the counts and Gram allow"
     return None

@@ -13,8 +13,10 @@ from edgetune.strategies.class_stats import (
     bridge_map,
     heads_from_clients,
     lda_head,
+    pack_symmetric,
     stats_problem,
     totals_for,
+    unpack_symmetric,
 )
 
 F64 = torch.float64
@@ -150,10 +152,11 @@ def _wire(spec: AdapterSpec, gen: torch.Generator) -> dict[str, torch.Tensor]:
     s = ClassStats.of(x, y, spec.n_classes)
     out = {}
     for part in ("own", "frozen") if spec.stats == "source" else ("own",):
-        out.update({stats_name(part, k): getattr(s, k).float() for k in ("gram", "sums", "counts")})
+        out[stats_name(part, "gram")] = pack_symmetric(s.gram).float()
+        out.update({stats_name(part, k): getattr(s, k).float() for k in ("sums", "counts")})
     for family, d_b in spec.bridges:
         xb = torch.randn(20, d_b, generator=gen, dtype=F64)
-        out[stats_bridge_name(family, "gram")] = (xb.T @ xb).float()
+        out[stats_bridge_name(family, "gram")] = pack_symmetric(xb.T @ xb).float()
         out[stats_bridge_name(family, "cross")] = (xb.T @ x).float()
     return out
 
@@ -195,7 +198,7 @@ def test_class_sums_beyond_what_counts_and_gram_allow_are_refused() -> None:
 def test_a_gram_with_a_negative_diagonal_is_refused() -> None:
     spec = AdapterSpec("a", "fp", 5, 2, 4, n_classes=3, stats="own")
     wire = _wire(spec, torch.Generator().manual_seed(6))
-    wire[stats_name("own", "gram")][2, 2] = -1.0
+    wire[stats_name("own", "gram")][0] = -1.0  # packed row by row: [0] is the (0, 0) entry
     assert "negative diagonal" in stats_problem(wire, num_samples=20)
 
 
@@ -220,3 +223,10 @@ def test_a_round_of_statistics_fits_the_head_and_skips_an_implausible_reply() ->
     unchanged = [n for n in fam if n not in (HEAD_WEIGHT, HEAD_BIAS)]
     assert all(torch.equal(model[n], fam[n]) for n in unchanged)  # nothing else moved
     assert "global" not in result.models  # no adapter was trained this round
+
+
+def test_a_gram_travels_as_its_upper_triangle() -> None:
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(9), dtype=F64)
+    packed = pack_symmetric(x.T @ x)
+    assert packed.shape == (10,) and packed[1] == (x.T @ x)[0, 1]  # row 0: (0,0), (0,1), ...
+    assert torch.equal(unpack_symmetric(packed, 4), x.T @ x)
