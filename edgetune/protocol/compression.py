@@ -215,4 +215,4 @@ def wire_group(name: str) -> str:
     """The group a wire name belongs to (scales count with their tensor)."""
     base = name[: -len(SCALE_SUFFIX)] if name.endswith(SCALE_SUFFIX) else name
     group = base.split(".", 1)[0]
-    return group if group == GROUP_GLOBAL else BUNDLE_FAMILY
+    return group if group in (GROUP_GLOBAL, GROUP_STATS) else BUNDLE_FAMILY

@@ -142,3 +142,24 @@ def test_bad_bundles_metadata_is_rejected(bad: str) -> None:
     with pytest.raises(ProtocolError) as err:
         UpdateMeta.from_metadata(md)
     assert err.value.code == "bad_bundles"
+
+
+def test_int8_leaves_class_statistics_float32_and_exact():
+    """Statistics are sums the server adds (a rounded count is a wrong count): int8 compression
+    quantizes the adapter tensors and passes the ``stats.*`` tensors through unchanged."""
+    from edgetune.protocol import ErrorFeedback, compress_update, decompress_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "global.anchor1.C": torch.randn(4, 4, generator=gen),
+        "family.layer0.D": torch.randn(8, 4, generator=gen),
+        "stats.own.counts": torch.tensor([3.0, 0.0, 17.0]),
+        "stats.own.gram": torch.randn(10, generator=gen) * 1e4,
+    }
+    wire, method = compress_update(tensors, ErrorFeedback(), "int8")
+    assert method == "int8"
+    assert wire["global.anchor1.C"].dtype == torch.int8 and "family.layer0.D.__scale__" in wire
+    assert not any(n.startswith("stats.") and n.endswith("__scale__") for n in wire)
+    back = decompress_tensors(wire, method)
+    for name in ("stats.own.counts", "stats.own.gram"):
+        assert back[name].dtype == torch.float32 and torch.equal(back[name], tensors[name])
