@@ -77,7 +77,7 @@ class ClientRuntime:
         self.stats = self._stats_reporter(train_split)
         self.spec = wire_spec(self.backbone.spec, self.handle, self.n_classes)
         if self.stats is not None:
-            kind = "source" if me.stats_source else "own"
+            kind = "source" if self.stats.frozen else "own"
             self.spec = dataclasses.replace(
                 self.spec, stats=kind, bridges=tuple(self.stats.bridge_dims)
             )
