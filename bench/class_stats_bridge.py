@@ -35,12 +35,10 @@ from benchinfo import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgetune.client.trainer import EncodedSplit  # noqa: E402
+from edgetune.client.stats import frozen_features  # noqa: E402
 from edgetune.config import RunConfig, load_config  # noqa: E402
 from edgetune.data.datasets import Split  # noqa: E402
 from edgetune.data.shards import load_run_dataset, load_shard  # noqa: E402
-from edgetune.models.heads import build_task_model  # noqa: E402
-from edgetune.models.zoo import load_backbone  # noqa: E402
 from edgetune.sim.evaluator import eval_subset  # noqa: E402
 from edgetune.strategies.class_stats import (  # noqa: E402
     ClassStats,
@@ -60,20 +58,9 @@ SETTINGS: dict[str, list[str]] = {
 ROWS = ["probe", "lda_own", "lda_bridged", "lda_all"]
 
 
-@torch.no_grad()
 def pooled(backbone_name: str, split: Split, config: RunConfig, n_classes: int) -> torch.Tensor:
-    """The pooled features the task's head sees (raw, as the head sees them)."""
-    backbone = load_backbone(backbone_name)
-    task = build_task_model(backbone, "classify", n_classes=n_classes).eval()
-    data = EncodedSplit(backbone, split, config.train.max_length)
-    captured: list[torch.Tensor] = []
-    hook = task.head.register_forward_hook(lambda _m, args, _o: captured.append(args[0]))
-    try:
-        for index in torch.arange(len(data)).split(64):
-            task(**data.batch(index)[0])
-    finally:
-        hook.remove()
-    return torch.cat(captured).double()
+    """The pooled features the task's head sees under the frozen fp32 backbone (float64)."""
+    return frozen_features(backbone_name, split, n_classes, config.train.max_length)[1]
 
 
 def client_reports(config: RunConfig, n_classes: int) -> list[ClientStats]:

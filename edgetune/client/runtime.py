@@ -78,9 +78,7 @@ class ClientRuntime:
         self.spec = wire_spec(self.backbone.spec, self.handle, self.n_classes)
         if self.stats is not None:
             kind = "source" if self.stats.frozen else "own"
-            self.spec = dataclasses.replace(
-                self.spec, stats=kind, bridges=tuple(self.stats.bridge_dims)
-            )
+            self.spec = dataclasses.replace(self.spec, stats=kind, bridges=self.stats.bridge_dims)
         self._round_stats: dict[str, torch.Tensor] = {}
         self._first_batch = train_split.subset(
             np.arange(min(len(train_split), config.train.batch_size))
@@ -240,8 +238,6 @@ class ClientRuntime:
         tensors = select_bundles(tensors, self.spec, bundles)
         if self.statistics_round(round_id):  # statistics only: nothing was trained
             tensors, bundles = dict(self._round_stats), (BUNDLE_STATS,)
-        elif bundles is None and self.spec.stats:  # every bundle but the statistics
-            bundles = tuple(sorted(b for b in self.spec.upload_bundles() if b != BUNDLE_STATS))
         pending = self.error_feedback.clone()
         tensors, compression = compress_update(tensors, pending, comm.compression)
         meta = UpdateMeta(
@@ -249,8 +245,7 @@ class ClientRuntime:
             round_id=round_id,
             spec_hash=self.spec.spec_hash,
             fingerprint=self.spec.fingerprint,
-            # statistics count every text once: never more than the update's weight
-            num_samples=max(1, int(metrics["samples"]), len(self.train_data) * bool(self.stats)),
+            num_samples=max(1, int(metrics["samples"])),  # a statistics round: every text once
             dtype=self.spec.dtype,
             metrics=metrics,
             compression=compression,

@@ -1,6 +1,7 @@
 """Class statistics of a client's training texts: what the server fits each family's head from.
 
-With ``train.head = "stats"`` a client uploads, every round, the statistics of the pooled
+With ``train.head = "stats"`` a client uploads, in each statistics round (round 1 and the final
+round of a run of 3 or more), the statistics of the pooled
 features its head sees (`edgetune.strategies.class_stats` has the math; the wire names are in
 `edgetune.protocol.names`):
 
@@ -12,7 +13,7 @@ features its head sees (`edgetune.strategies.class_stats` has the math; the wire
   cross products of b's frozen features with its own current ones (b's frozen backbone is loaded
   once in fp32 for one pass over the texts, then dropped).
 
-Cost per round: one forward pass over the client's texts (no backward), beside the training
+Cost per statistics round: one forward pass over the client's texts (no backward), beside the training
 epochs; bytes: float32, d (d + 1) / 2 per Gram (its upper triangle; MiniLM: 0.30 MB), K x d
 sums, K counts, d_b x d per bridge's cross products (MiniLM: 0.59 MB).
 """
@@ -29,8 +30,8 @@ from edgetune.client.trainer import EncodedSplit
 from edgetune.data.datasets import Split
 from edgetune.models.heads import build_task_model
 from edgetune.models.zoo import load_backbone
-from edgetune.protocol import STATS_LEAVES, stats_bridge_name, stats_name
-from edgetune.strategies.class_stats import pack_symmetric
+from edgetune.protocol import stats_bridge_name
+from edgetune.strategies.class_stats import ClassStats, pack_symmetric
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,6 @@ def pooled_features(task: nn.Module, data: EncodedSplit) -> Tensor:
     return torch.cat(captured).to(torch.float64)
 
 
-def class_stats(part: str, x: Tensor, labels: Tensor, n_classes: int) -> dict[str, Tensor]:
-    """``stats.<part>.{gram,sums,counts}`` of features ``x`` [n, d], float32."""
-    onehot = nn.functional.one_hot(labels.long(), n_classes).to(torch.float64)
-    values = (pack_symmetric(x.T @ x), onehot.T @ x, onehot.sum(0))
-    return {
-        stats_name(part, leaf): v.to(torch.float32)
-        for leaf, v in zip(STATS_LEAVES, values, strict=True)
-    }
-
-
 class StatsReporter:
     """One client's statistics: frozen parts measured once, its own model's every round."""
 
@@ -82,19 +73,22 @@ class StatsReporter:
         self.frozen: dict[str, Tensor] = {}
         if source:  # called before any server tensor is loaded: the adapter is the identity
             x = pooled_features(task, data)
-            self.frozen = class_stats("frozen", x, self.labels, n_classes)
+            self.frozen = ClassStats.of(x, self.labels, n_classes).to_wire("frozen")
         #: family -> (its frozen features [n, d_b] of our texts, their Gram as float32)
         self.bridge_features: dict[str, tuple[Tensor, Tensor]] = {}
-        self.bridge_dims: list[tuple[str, int]] = []
         for name in bridges:
             family, x_b = frozen_features(name, split, n_classes, max_length)
             self.bridge_features[family] = (x_b, pack_symmetric(x_b.T @ x_b).to(torch.float32))
-            self.bridge_dims.append((family, int(x_b.shape[1])))
+
+    @property
+    def bridge_dims(self) -> tuple[tuple[str, int], ...]:
+        """``AdapterSpec.bridges``: (family, width) of every bridge."""
+        return tuple((f, int(x_b.shape[1])) for f, (x_b, _) in self.bridge_features.items())
 
     def tensors(self, task: nn.Module) -> dict[str, Tensor]:
         """This round's ``stats`` bundle, measured on ``task`` as it is now."""
         x = pooled_features(task, self.data)
-        out = {**class_stats("own", x, self.labels, self.n_classes), **self.frozen}
+        out = {**ClassStats.of(x, self.labels, self.n_classes).to_wire("own"), **self.frozen}
         for family, (x_b, gram) in self.bridge_features.items():
             out[stats_bridge_name(family, "gram")] = gram
             out[stats_bridge_name(family, "cross")] = (x_b.T @ x).to(torch.float32)

@@ -178,9 +178,9 @@ class LoraConfig:
 #: Local training losses: plain cross-entropy, or the logit-adjusted ("balanced") loss of
 #: Menon et al. 2021 with each client's own label prior (FedLC-style under label skew).
 TRAIN_LOSSES = ("ce", "balanced")
-#: How a classification head learns: "stats" (the server fits each family's head every round
-#: from the class statistics its clients upload, bridged across families; clients keep it
-#: frozen, and round 1 only gathers statistics) or "sgd" (trained by gradient, averaged).
+#: How a classification head learns: "stats" (statistics rounds - round 1 and the final round
+#: of a run of 3+ - gather class statistics from which the server fits each family's head,
+#: bridged across families; clients keep it frozen in between) or "sgd" (trained, averaged).
 HEAD_MODES = ("stats", "sgd")
 
 

@@ -34,6 +34,7 @@ from edgetune.errors import ConfigError
 from edgetune.protocol.names import (
     BUNDLE_FAMILY,
     BUNDLE_GLOBAL,
+    BUNDLE_STATS,
     COMPRESSION_INT8,
     COMPRESSION_NONE,
     COMPRESSIONS,
@@ -192,12 +193,14 @@ def family_due(round_id: int, every: int, final_round: int = 0) -> bool:
 def bundles_to_send(
     spec: AdapterSpec, round_id: int, every: int, final_round: int = 0
 ) -> tuple[str, ...] | None:
-    """The bundles an update of ``round_id`` carries; None means all (a complete update).
+    """The bundles a training update of ``round_id`` carries; None means all (a complete update).
 
-    Only FedAdapter has a separate global bundle; LoRA updates are always complete.
+    Only FedAdapter has a separate global bundle; LoRA updates carry all they train. The class
+    statistics (``stats``, in a spec that has them) go up only in statistics rounds, alone.
     """
-    if BUNDLE_GLOBAL not in spec.upload_bundles() or family_due(round_id, every, final_round):
-        return None
+    trained = tuple(sorted(b for b in spec.upload_bundles() if b != BUNDLE_STATS))
+    if BUNDLE_GLOBAL not in trained or family_due(round_id, every, final_round):
+        return None if BUNDLE_STATS not in spec.upload_bundles() else trained
     return (BUNDLE_GLOBAL,)
 
 

@@ -77,7 +77,7 @@ SPEC_BOUNDS = {
     "first_block": 1023,
     "lora_modules": 4096,
     "bridges": 16,
-    "stats_dim": 4096,  # a d x d float32 Gram of 64 MiB at most
+    "stats_dim": 4096,  # a packed float32 Gram of 32 MiB at most
     "d_in": 1 << 16,
     "d_out": 1 << 20,  # an LM head's vocabulary
 }

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from edgetune.protocol import GROUP_STATS, HEAD_BIAS, HEAD_WEIGHT, UPDATE_ENCODING, AdapterSpec
+from edgetune.protocol import (
+    GROUP_STATS,
+    HEAD_BIAS,
+    HEAD_WEIGHT,
+    UPDATE_ENCODING,
+    AdapterSpec,
+    wire_group,
+)
 from edgetune.strategies.aggregation import ClientUpdate, TensorDict
 from edgetune.strategies.class_stats import ClientStats, heads_from_clients, stats_problem
 
@@ -74,8 +81,7 @@ def check_reply(update: ClientUpdate, spec: AdapterSpec) -> str | None:
 
 
 def _stats_of(update: ClientUpdate) -> dict[str, torch.Tensor]:
-    prefix = f"{GROUP_STATS}."
-    return {n: t for n, t in update.tensors.items() if n.startswith(prefix)}
+    return {n: t for n, t in update.tensors.items() if wire_group(n) == GROUP_STATS}
 
 
 def _without_stats(update: ClientUpdate) -> ClientUpdate:
@@ -89,7 +95,8 @@ def _without_stats(update: ClientUpdate) -> ClientUpdate:
 def fit_heads(state: State, models: Models, updates: Replies) -> list[str]:
     """Replace each reporting family's head by the LDA head of the round's class statistics
     (`edgetune.strategies.class_stats`); returns the families whose head was fit."""
-    clients = [ClientStats.from_wire(u.family, _stats_of(u)) for u in updates if _stats_of(u)]
+    reports = ((u.family, _stats_of(u)) for u in updates)
+    clients = [ClientStats.from_wire(family, stats) for family, stats in reports if stats]
     fitted = []
     for family, (weight, bias) in heads_from_clients(clients).items():
         name = family_model(family)

@@ -91,6 +91,15 @@ class ClassStats:
             self.gram + other.gram, self.sums + other.sums, self.counts + other.counts
         )
 
+    def to_wire(self, part: str) -> dict[str, Tensor]:
+        """``stats.<part>.{gram,sums,counts}``, float32, the Gram packed (`ClientStats.from_wire`
+        reads them back)."""
+        values = (pack_symmetric(self.gram), self.sums, self.counts)
+        return {
+            stats_name(part, leaf): v.to(torch.float32)
+            for leaf, v in zip(STATS_LEAVES, values, strict=True)
+        }
+
     def mapped(self, bridge: Tensor) -> ClassStats:
         """The statistics of the same samples with features x -> x @ bridge ([d, d'])."""
         return ClassStats(bridge.T @ self.gram @ bridge, self.sums @ bridge, self.counts)

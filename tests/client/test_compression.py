@@ -163,3 +163,15 @@ def test_int8_leaves_class_statistics_float32_and_exact():
     back = decompress_tensors(wire, method)
     for name in ("stats.own.counts", "stats.own.gram"):
         assert back[name].dtype == torch.float32 and torch.equal(back[name], tensors[name])
+
+
+def test_training_updates_of_a_spec_with_statistics_leave_them_out():
+    """A training round names its bundles (the spec's complete set includes ``stats``, which
+    go up only in statistics rounds); an off-round of the family bundle sends the global one."""
+    from edgetune.protocol import AdapterSpec, bundles_to_send
+
+    spec = AdapterSpec("a", "fp", 8, 2, 4, n_classes=3, stats="own")
+    assert bundles_to_send(spec, 2, every=1) == ("family", "global")
+    assert bundles_to_send(spec, 3, every=2) == ("global",)
+    plain = AdapterSpec("a", "fp", 8, 2, 4, n_classes=3)
+    assert bundles_to_send(plain, 2, every=1) is None
