@@ -47,7 +47,9 @@ def main() -> int:
         data=dataclasses.replace(config.data, local_holdout=0.0),
     )
     runtime = ClientRuntime(config, "")
-    test = EncodedSplit(runtime.backbone, eval_subset(config, runtime.dataset.test), 48)
+    test = EncodedSplit(
+        runtime.backbone, eval_subset(config, runtime.dataset.test), config.train.max_length
+    )
 
     def lda_accuracy() -> float:
         train_x = pooled_features(runtime.task, runtime.train_data)
