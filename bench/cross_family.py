@@ -170,12 +170,15 @@ def table_markdown(table: dict[str, Any]) -> list[str]:
     for setting, rows in table.items():
         families = sorted({f for r in rows.values() for f in r["acc"]})
         lines += ["", f"**{setting}** (mean over seeds; min-max in brackets)", ""]
-        lines += ["| row | seeds | " + " | ".join(families) + " | worst client |"]
-        lines += ["|---" * (len(families) + 3) + "|"]
+        lines += [
+            "| row | seeds | " + " | ".join(families) + " | worst client | MB up/client/round |"
+        ]
+        lines += ["|---" * (len(families) + 4) + "|"]
         for row, r in rows.items():
             cells = [_cell(r, f) for f in families]
-            head = f"| {row} | {r['seeds']} | "
-            lines += [head + " | ".join(cells) + f" | {_pct(r['worst_client'])} |"]
+            up = r.get("mb_up_per_client_round")
+            tail = f" | {_pct(r['worst_client'])} | {'-' if up is None else f'{up:.2f}'} |"
+            lines += [f"| {row} | {r['seeds']} | " + " | ".join(cells) + tail]
     return lines
 
 

@@ -45,6 +45,8 @@ RESULTS = ROOT / "bench" / "results"
 MB = 1e6
 #: The table's reference rows: FedAdapter against FedAvg of LoRA factors.
 OURS, REFERENCE = "fedadapter", "fedavg-lora"
+#: Accuracy-only rows every federated result stands beside (issue 13).
+REFERENCE_ROWS = [n for n in NAMES if STRATEGIES[n].reference]
 
 # The default: two families in two tiers, 4 clients, 3 rounds. FedAdapter at rank 8 (its family
 # bundle is 2*d*r + O(r^2) per block, LoRA r=8 on query/value is 2*2*d*8 per block: rank 8
@@ -177,13 +179,14 @@ def load_rows(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def cost_to_target(rows: list[dict[str, Any]], target: float) -> float | None:
-    """Cumulative MB (up + down) at the first round whose overall accuracy reaches `target`."""
+def cost_to_target(rows: list[dict[str, Any]], target: float) -> tuple[int | None, float | None]:
+    """(round, cumulative MB up + down) of the first round whose overall accuracy reaches
+    `target`; (None, None) if none does."""
     for row in rows:
         acc = row.get("global_acc_overall")
         if acc is not None and acc >= target:
-            return row["cum_bytes"] / MB
-    return None
+            return row["round"], row["cum_bytes"] / MB
+    return None, None
 
 
 def run_summary(folder: Path) -> dict[str, Any]:
@@ -200,9 +203,25 @@ def run_summary(folder: Path) -> dict[str, Any]:
             default=None,
         ),
         "mb_up_per_client_round": summary["mb_up_per_client_round"],
+        "mb_up_per_client_training_round": summary.get("mb_up_per_client_training_round"),
         "mb_total": summary["mb_up_total"] + summary["mb_down_total"],
         "wall_time_s": summary["wall_time_s"],
         "rows": rows,
+    }
+
+
+def reference_summary(folder: Path) -> dict[str, Any]:
+    """A reference row's accuracy (probe, centralized, ...): it federates nothing of its own, so
+    it has no bytes, rounds or costs in this table."""
+    acc = json.loads((folder / "summary.json").read_text())["final_global_acc"]
+    return {
+        "accuracy_kind": "reference",
+        "final_acc": acc,
+        "final_acc_overall": sum(acc.values()) / len(acc) if acc else None,
+        "best_acc_overall": None,
+        "mb_up_per_client_round": None,
+        "mb_up_per_client_training_round": None,
+        "rows": [],
     }
 
 
@@ -311,10 +330,17 @@ def rivals() -> list[str]:
     return [n for n in NAMES if n != OURS and STRATEGIES[n].federated]
 
 
+def upload(row: dict[str, Any]) -> float | None:
+    """MB up per client per training round: what the strategy's own updates cost (statistics
+    rounds, the same for every strategy, left out; runs from before they existed: all rounds)."""
+    up = row.get("mb_up_per_client_training_round")
+    return up if up is not None else row.get("mb_up_per_client_round")
+
+
 def check_targets(table: dict[str, dict[str, Any]], ratios: list[dict[str, Any]]) -> dict:
     fed, base = table[OURS], table[REFERENCE]
-    up = fed["mb_up_per_client_round"] / base["mb_up_per_client_round"]
-    int8 = table.get("fedadapter+int8ef", {}).get("mb_up_per_client_round")
+    up = upload(fed) / upload(base)
+    int8 = upload(table.get("fedadapter+int8ef", {}))
     others = [v["mb_to_target"] for k, v in table.items() if k in rivals()]
     cost = fed["mb_to_target"]
     return {
@@ -326,8 +352,8 @@ def check_targets(table: dict[str, dict[str, Any]], ratios: list[dict[str, Any]]
         "upload_vs_fedavg_lora": up,
         "upload_ok(<=0.58, acc >=)": up <= 0.58
         and (fed["final_acc_overall"] or 0) >= (base["final_acc_overall"] or 0),
-        "upload_int8ef_vs_fedavg_lora": int8 / base["mb_up_per_client_round"] if int8 else None,
-        "upload_int8ef_ok(<=0.15)": bool(int8) and int8 / base["mb_up_per_client_round"] <= 0.15,
+        "upload_int8ef_vs_fedavg_lora": int8 / upload(base) if int8 else None,
+        "upload_int8ef_ok(<=0.15)": bool(int8) and int8 / upload(base) <= 0.15,
         "cost_to_target_ok": cost is not None and all(o is None or cost < o for o in others),
     }
 
@@ -341,14 +367,17 @@ def _fmt(value: Any, digits: int = 2, pct: bool = False) -> str:
 def markdown(result: dict[str, Any]) -> str:
     table, families = result["table"], result["families"]
     head = ["strategy", *[f"acc {f}" for f in families], "acc overall", "MB up/client/round",
-            "x FedAvg-LoRA", "MB to target", "train GFLOPs/step", "train mem MB"]  # fmt: skip
+            "MB up/client/training round", "x FedAvg-LoRA", "rounds to target", "MB to target", "train GFLOPs/step",
+            "train mem MB"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = table[REFERENCE]["mb_up_per_client_round"]
+    base = upload(table[REFERENCE])
     for name, row in table.items():
         accs = [_fmt(row["final_acc"].get(f), pct=True) for f in families]
-        up = row["mb_up_per_client_round"]
-        cells = [name, *accs, _fmt(row["final_acc_overall"], pct=True), _fmt(up, 3),
-                 _fmt(up / base if up is not None else None, 3), _fmt(row["mb_to_target"], 2),
+        up = upload(row)
+        cells = [name, *accs, _fmt(row["final_acc_overall"], pct=True),
+                 _fmt(row["mb_up_per_client_round"], 3), _fmt(up, 3),
+                 _fmt(up / base if up is not None else None, 3),
+                 _fmt(row["rounds_to_target"], 0), _fmt(row["mb_to_target"], 2),
                  _fmt(row.get("train_gflops_per_step"), 3), _fmt(row.get("train_memory_mb"), 1)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Target accuracy (overall): {100 * result['target_accuracy']:.1f}%", ""]
@@ -377,11 +406,13 @@ def run_all(config: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[
     for name, sets in {**SETTING_VARIANTS, **COMM_VARIANTS}.items():
         overrides = [f"{k}={_toml_value(v)}" for k, v in sets.items()]
         plans.append((name, paths["base"], [f"strategy={OURS}", *overrides]))
+    plans += [(r, paths["base"], [f"strategy={r}"]) for r in args.references]
     for name, path, sets in plans:
         folder = args.out / "runs" / name
         if not (args.reuse and (folder / "summary.json").is_file()):
             folder = run_simulate(name, path, args.out, sets, args.timeout)
-        runs[name] = run_summary(folder)
+        read = reference_summary if name in REFERENCE_ROWS else run_summary
+        runs[name] = read(folder)
     return runs
 
 
@@ -401,9 +432,9 @@ def build_result(config: dict[str, Any], runs: dict[str, dict[str, Any]], args) 
     table: dict[str, dict[str, Any]] = {}
     for name, run in runs.items():
         row = {k: v for k, v in run.items() if k != "rows"}
-        federated = run["accuracy_kind"] == "global_test"
-        row["mb_to_target"] = cost_to_target(run["rows"], target) if federated else None
-        row |= costs_of(profiler, name)
+        row["rounds_to_target"], row["mb_to_target"] = cost_to_target(run["rows"], target)
+        if run["accuracy_kind"] != "reference":
+            row |= costs_of(profiler, name)
         table[name] = row
     ratios = flops_ratios(config, profiler)
     families = sorted({f for row in table.values() for f in row["final_acc"]})
@@ -424,9 +455,14 @@ def build_result(config: dict[str, Any], runs: dict[str, dict[str, Any]], args) 
 NOTES = [
     "Accuracy: global-model test accuracy per family after the last round (local: personal test "
     "accuracy of each client's own model, there is no global model).",
-    "MB up/client/round: safetensors bodies as sent (metadata included) / clients / rounds.",
-    "MB to target: cumulative MB up + down until the overall accuracy first reaches the target "
-    "('-': never reached).",
+    "MB up/client/round: safetensors bodies as sent (metadata included) / clients / rounds; "
+    "training round: the rounds that gather class statistics (train.head = 'stats': round 1 and "
+    "the last, the same bundle for every strategy) left out. 'x FedAvg-LoRA' compares those.",
+    "Rounds / MB to target: the first round whose overall accuracy reaches the target, and the "
+    "cumulative MB up + down until then ('-': never reached).",
+    "Reference rows (" + ", ".join(REFERENCE_ROWS) + "): the same config, seed, split and "
+    "evaluation subset (`edgetune.sim.references`): a frozen-feature probe, one client holding all "
+    "training data, every client on the family's fp32 backbone, each family federating alone.",
     "train GFLOPs/step: FlopCounterMode, one forward + backward at batch_size x max_length of "
     "the config on fp32 weights, mean over clients; train mem: weights (as quantized) + "
     "autograd-saved activations + grads + AdamW state.",
@@ -442,10 +478,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="TOML config (default: the small one above)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "paper_table")
     p.add_argument("--results", type=Path, default=RESULTS, help="where JSON + Markdown go")
-    # Reference rows (probe, centralized, ...) write no per-round metrics; this table does not
-    # read them yet (issue 13), so they are not among its choices.
     runnable = [n for n in NAMES if not STRATEGIES[n].reference]
     p.add_argument("--strategies", nargs="+", default=runnable, choices=runnable)
+    p.add_argument("--references", nargs="*", default=REFERENCE_ROWS, choices=REFERENCE_ROWS)
     p.add_argument("--target", type=float, help="target overall accuracy (default: see notes)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per simulate run")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs under --out")

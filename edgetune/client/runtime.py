@@ -113,12 +113,8 @@ class ClientRuntime:
         )
 
     def statistics_round(self, round_id: int) -> bool:
-        """With server-fit heads, round 1 only gathers statistics (the head is fit before any
-        adapter trains against it: linear probe first, then fine-tuning against that frozen
-        head), and so does the final round of a run of 3 or more (the head is fit again to the
-        fine-tuned features: the final model's head matches its features)."""
-        final = self.config.rounds
-        return self.stats is not None and (round_id == 1 or (round_id == final and final >= 3))
+        """Whether this client only gathers statistics in ``round_id`` (`RunConfig.statistics_round`)."""
+        return self.stats is not None and self.config.statistics_round(round_id)
 
     def _train_flops_per_sample(self) -> float:
         """FLOPs of one training step per sample, counted once on the first batch.

@@ -114,6 +114,16 @@ class RunConfig:
             )
         return self.num_clients
 
+    def statistics_round(self, round_id: int) -> bool:
+        """Whether round ``round_id`` gathers class statistics instead of training (server-fit
+        heads, ``train.head = "stats"``, classification): round 1, so the head is fit before any
+        adapter trains against it (linear probe first, then fine-tuning against that frozen
+        head), and the final round of a run of 3 or more, so the final head matches the
+        fine-tuned features."""
+        if self.train.head != "stats" or self.task != "classify":
+            return False
+        return round_id == 1 or (round_id == self.rounds and self.rounds >= 3)
+
     def client_rank(self, rank: int = 0) -> int:
         """The rank a client trains: its own (``rank``) or the strategy's default."""
         if rank:

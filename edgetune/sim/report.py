@@ -76,6 +76,7 @@ class RoundTable:
             rows.append(
                 {
                     "round": r,
+                    "statistics_round": r > 0 and self.config.statistics_round(r),
                     "global_acc": glob,
                     "global_acc_overall": mean(glob.values()) if glob else None,
                     **self._perplexity_of(r),
@@ -191,9 +192,19 @@ class RoundTable:
             "mb_up_total": total_up / MB,
             "mb_down_total": sum(r["bytes_down"] for r in self.rows) / MB,
             "mb_up_per_client_round": total_up / MB / n_clients / max(1, self.config.rounds),
+            # the adapter updates alone: rounds that gather class statistics left out
+            "mb_up_per_client_training_round": self._training_upload_mb() / n_clients,
             "train_gflops_est_total": sum(r["train_gflops_est"] for r in self.rows),
             "clients": client_results,
         }
+
+    def _training_upload_mb(self) -> float:
+        """MB uploaded per training round (statistics rounds left out), 0 if none trained."""
+        rounds = [
+            r for r in range(1, self.config.rounds + 1) if not self.config.statistics_round(r)
+        ]
+        up = sum(r["bytes_up"] for r in self.rows if r["round"] in rounds)
+        return up / MB / max(1, len(rounds))
 
     def print_perplexity(self) -> str:
         """The lm run's table: held-out perplexity of each family's global model per round."""

@@ -69,3 +69,36 @@ def test_an_lm_runs_growing_table_shows_perplexity_per_family(tmp_path):
     header, round0 = table.grown_lines(0)[1:]
     assert header.split()[-2:] == ["ppl", "smol"]
     assert round0.split()[-1] == "84.20"  # exp of the mean token NLL
+
+
+def test_statistics_rounds_are_round_1_and_the_last_of_three_or_more():
+    def rounds_of(**changes):
+        config = dataclasses.replace(RunConfig(), **changes)
+        return [r for r in range(1, config.rounds + 1) if config.statistics_round(r)]
+
+    assert rounds_of(rounds=5) == [1, 5]
+    assert rounds_of(rounds=2) == [1]  # round 2 trains: the head of round 1 stays
+    assert rounds_of(rounds=5, task="lm") == []  # no classifier head to fit
+    sgd = dataclasses.replace(RunConfig().train, head="sgd")
+    assert rounds_of(rounds=5, train=sgd) == []
+
+
+def test_the_summary_separates_training_rounds_bytes_from_statistics_rounds(tmp_path):
+    config = dataclasses.replace(RunConfig(), rounds=3)  # round 1 and 3 gather statistics
+    table = RoundTable(tmp_path, config)
+    for client, ups in {"c0": (9e6, 1e6, 7e6), "c1": (9e6, 3e6, 7e6)}.items():
+        (tmp_path / "clients" / client).mkdir(parents=True)
+        lines = [
+            {"round": r, "family": "f", "tier": "t", "bytes_up": up, "bytes_down": 0}
+            for r, up in enumerate(ups, start=1)
+        ]
+        (tmp_path / "clients" / client / "rounds.jsonl").write_text(
+            "\n".join(json.dumps(x) for x in lines) + "\n"
+        )
+    table.record("f", {"version": 3, "acc": 0.5})
+    table.refresh()
+    assert [r["statistics_round"] for r in table.rows] == [True, False, True]
+    summary = table._summary(1.0, [])
+    # RunConfig() declares no groups: the per-client figures divide by max(1, clients) = 1
+    assert summary["mb_up_per_client_training_round"] == 4.0  # (1 + 3) MB in round 2 alone
+    assert summary["mb_up_per_client_round"] == 36.0 / 3
