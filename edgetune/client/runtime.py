@@ -341,9 +341,11 @@ class ClientRuntime:
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The trainable tensors; the head in its own group when ``train.head_lr`` is set, and
-        out of training when the server fits it (``train.head = "stats"``)."""
+        out of training when the server fits it (``train.head = "stats"``, unless
+        ``train.freeze_head`` is false)."""
         params = self.handle.trainable_parameters()
-        if self.stats is not None and self.handle.head is not None:
+        frozen = self.stats is not None and self.config.train.freeze_head
+        if frozen and self.handle.head is not None:
             head = {id(p) for p in self.handle.head.parameters()}
             return [{"params": [p for p in params if id(p) not in head]}]
         head_lr = self.config.train.head_lr

@@ -41,6 +41,7 @@ DOCS = {
     "train.loss": "ce, or balanced: logits shifted by the client's label prior",
     "train.head_lr": "learning rate of an sgd head, 0 = train.lr",
     "train.head": "stats (server fits heads from class statistics; round 1 gathers them) or sgd",
+    "train.freeze_head": "stats heads: frozen between statistics rounds (false: trained too)",
     "comm.family_every": "FedAdapter: family bundle every P rounds, global every round",
     "comm.compression": "none or int8 (per-tensor scale + error feedback)",
     "server.host": "bind address",

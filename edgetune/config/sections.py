@@ -196,10 +196,20 @@ class TrainConfig:
     loss: str = "balanced"  # ce | balanced (logits shifted by the client's own label prior)
     head_lr: float = 0.0  # 0: the same as lr ("sgd" heads)
     head: str = "stats"  # stats | sgd (HEAD_MODES)
+    # head = "stats": keep the server-fit head frozen while the adapter trains (LP-FT); False
+    # trains it too between statistics rounds (averaged like the family bundle; the final
+    # statistics round refits it either way)
+    freeze_head: bool = True
 
     def __post_init__(self) -> None:
         check_int("train.epochs", self.epochs, 1, 10_000)
         check(self.head in HEAD_MODES, "train.head", self.head, f"one of {HEAD_MODES}")
+        check(
+            isinstance(self.freeze_head, bool),
+            "train.freeze_head",
+            self.freeze_head,
+            "true or false",
+        )
         check(self.loss in TRAIN_LOSSES, "train.loss", self.loss, f"one of {TRAIN_LOSSES}")
         check_number("train.head_lr", self.head_lr, 0.0)
         check_int("train.batch_size", self.batch_size, 1, 1 << 20)

@@ -3,6 +3,7 @@ that train more than one family (``[[group]].also``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,24 @@ def test_the_evaluation_plan_covers_families_reached_only_through_also():
     config = load_config(TINY, [f"group=[{also}]"])
     families = set(evaluation_plan(config))
     assert families == {family_of("tiny-bert-d32-l2"), family_of("tiny-bert-d48-l3")}
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_statistics_head_trains_between_statistics_rounds_only_if_not_frozen(tmp_path, freeze):
+    from edgetune.client.runtime import ClientRuntime
+
+    config = load_config(TINY, [f"train.freeze_head={str(freeze).lower()}"])
+    client = dataclasses.replace(
+        config.client, backbone="tiny-bert-d32-l2", state_dir=str(tmp_path)
+    )
+    runtime = ClientRuntime(dataclasses.replace(config, client=client))
+    assert config.train.head == "stats" and runtime.stats is not None
+    trained = {id(p) for group in runtime._param_groups() for p in group["params"]}
+    head = [id(p) for p in runtime.handle.head.parameters()]
+    assert head and all((i in trained) != freeze for i in head)
+    assert trained  # the adapter trains either way
+
+
+def test_freeze_head_must_be_a_bool():
+    with pytest.raises(ConfigError, match=r"train.freeze_head='no'"):
+        TrainConfig(freeze_head="no")
