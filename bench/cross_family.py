@@ -49,6 +49,9 @@ ABLATION: dict[str, list[str]] = {
     "no balanced loss (train.loss=ce)": ["train.loss=ce"],
     "no devices training a 2nd family (group.also=[])": ["@no-also"],
     "global branch frozen (server.eta=1e-6)": ["server.eta=0.000001"],
+    "head also trained between statistics rounds (train.freeze_head=false)": [
+        "train.freeze_head=false"
+    ],
 }
 
 
