@@ -114,23 +114,28 @@ def _wait_for_round_one(proc: subprocess.Popen, out: Path, timeout: float = 240)
 @pytest.mark.slow
 def test_resume_continues_a_stopped_run_and_refuses_another_config(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_simulate(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # 8 rounds: a tiny round takes well under a second, and the run must still be going when
+    # the signal lands after round 1 (with 3 rounds, two of them statistics rounds that train
+    # nothing, it could finish first)
+    rounds = ("--set", "rounds=8")
+    proc = subprocess.Popen(_simulate(out, *rounds), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
     _wait_for_round_one(proc, out)
-    # Stopped after round 1 (or 2: a tiny round can close before the signal lands) of 3.
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # stopped after round 1 (or 2, 3: the signal may lag)
     proc.wait(timeout=240)  # shutting down server and clients takes long on a loaded machine
     assert proc.returncode != 0 and (out / "config.json").is_file()
-    other = subprocess.run(_simulate(out, "--resume", "--set", "train.epochs=2"),
+    other = subprocess.run(_simulate(out, "--resume", *rounds, "--set", "train.epochs=2"),
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert other.stderr.strip().count("\n") == 0
     assert "config differs" in other.stderr and "train.epochs (1 there, 2 here)" in other.stderr
-    again = subprocess.run(_simulate(out, "--resume"), capture_output=True, text=True, timeout=400)
+    again = subprocess.run(_simulate(out, "--resume", *rounds), capture_output=True, text=True,
+                           timeout=400)  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [r["round"] for r in rows] == list(range(9))
     card = json.loads((out / "final" / "tiny-bert-d32-l2" / "model.json").read_text())
-    assert card["version"] == 3
+    assert card["version"] == 8
 
 
 def test_resume_needs_a_run_and_a_run_failing_at_start_leaves_nothing(tmp_path, capsys):
