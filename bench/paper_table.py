@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from paper_costs import (  # noqa: E402
+    MB,
     Profiler,
     flops_ratios,
     het_groups,
@@ -50,16 +51,15 @@ from paper_costs import (  # noqa: E402
 from edgetune.strategies import NAMES, STRATEGIES  # noqa: E402 (torch-free registry)
 
 RESULTS = ROOT / "bench" / "results"
-MB = 1e6
 #: The table's reference rows: FedAdapter against FedAvg of LoRA factors.
 OURS, REFERENCE = "fedadapter", "fedavg-lora"
 #: Accuracy-only rows every federated result stands beside (issue 13).
 REFERENCE_ROWS = [n for n in NAMES if STRATEGIES[n].reference]
 
 # The default: two families in two tiers, 4 clients, 4 rounds (rounds 1 and 4 gather class
-# statistics for the heads, the same for every strategy: two rounds train). FedAdapter at rank 8 (its family
-# bundle is 2*d*r + O(r^2) per block, LoRA r=8 on query/value is 2*2*d*8 per block: rank 8
-# keeps the comparison at equal width per factor rather than equal bytes).
+# statistics for the heads, the same for every strategy: two rounds train). FedAdapter at rank
+# 8 (its family bundle is 2*d*r + O(r^2) per block, LoRA r=8 on query/value is 2*2*d*8 per
+# block: rank 8 keeps the comparison at equal width per factor rather than equal bytes).
 DEFAULT_TOML = """
 rounds = 4
 strategy = "fedadapter"
@@ -275,8 +275,8 @@ def _fmt(value: Any, digits: int = 2, pct: bool = False) -> str:
 def markdown(result: dict[str, Any]) -> str:
     table, families = result["table"], result["families"]
     head = ["strategy", *[f"acc {f}" for f in families], "acc overall", "MB up/client/round",
-            "MB up/client/training round", "x FedAvg-LoRA", "rounds to target", "MB to target", "train GFLOPs/step",
-            "train mem MB"]  # fmt: skip
+            "MB up/client/training round", "x FedAvg-LoRA", "rounds to target", "MB to target",
+            "train GFLOPs/step", "train mem MB"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = upload(table[REFERENCE])
     for name, row in table.items():

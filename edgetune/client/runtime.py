@@ -113,7 +113,8 @@ class ClientRuntime:
         )
 
     def statistics_round(self, round_id: int) -> bool:
-        """Whether this client only gathers statistics in ``round_id`` (`RunConfig.statistics_round`)."""
+        """Whether this client only gathers statistics in ``round_id``
+        (`RunConfig.statistics_round`)."""
         return self.stats is not None and self.config.statistics_round(round_id)
 
     def _train_flops_per_sample(self) -> float:

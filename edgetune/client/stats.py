@@ -1,9 +1,8 @@
 """Class statistics of a client's training texts: what the server fits each family's head from.
 
 With ``train.head = "stats"`` a client uploads, in each statistics round (round 1 and the final
-round of a run of 3 or more), the statistics of the pooled
-features its head sees (`edgetune.strategies.class_stats` has the math; the wire names are in
-`edgetune.protocol.names`):
+round of a run of 3 or more), the statistics of the pooled features its head sees
+(`edgetune.strategies.class_stats` has the math; the wire names are in `edgetune.protocol.names`):
 
 - ``stats.own.*``: its model *as received* (before local training), so every client of a family
   measures the same model and the server's head follows the adapted features;
@@ -13,9 +12,9 @@ features its head sees (`edgetune.strategies.class_stats` has the math; the wire
   cross products of b's frozen features with its own current ones (b's frozen backbone is loaded
   once in fp32 for one pass over the texts, then dropped).
 
-Cost per statistics round: one forward pass over the client's texts (no backward), beside the training
-epochs; bytes: float32, d (d + 1) / 2 per Gram (its upper triangle; MiniLM: 0.30 MB), K x d
-sums, K counts, d_b x d per bridge's cross products (MiniLM: 0.59 MB).
+Cost per statistics round: one forward pass over the client's texts (no backward), instead of
+the training epochs; bytes: float32, d (d + 1) / 2 per Gram (its upper triangle; MiniLM:
+0.30 MB), K x d sums, K counts, d_b x d per bridge's cross products (MiniLM: 0.59 MB).
 """
 
 from __future__ import annotations

@@ -124,6 +124,10 @@ class RunConfig:
             return False
         return round_id == 1 or (round_id == self.rounds and self.rounds >= 3)
 
+    def training_rounds(self) -> list[int]:
+        """The rounds in which clients train (every round but the statistics rounds)."""
+        return [r for r in range(1, self.rounds + 1) if not self.statistics_round(r)]
+
     def client_rank(self, rank: int = 0) -> int:
         """The rank a client trains: its own (``rank``) or the strategy's default."""
         if rank:

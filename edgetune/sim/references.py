@@ -112,8 +112,7 @@ def centralized(config: RunConfig, family: str, backbone_name: str, out: Path) -
         acc = evaluate(runtime.task, EncodedSplit(runtime.backbone, test, config.train.max_length))
     log.info("centralized %s: test accuracy %.4f", family, acc.accuracy)
     # statistics rounds (train.head = "stats") train nothing, here as in the federation
-    training_rounds = [r for r in range(1, config.rounds + 1) if not config.statistics_round(r)]
-    epochs = len(training_rounds) * config.train.epochs
+    epochs = len(config.training_rounds()) * config.train.epochs
     row = {"acc": acc.accuracy, "backbone": backbone_name, "epochs": epochs}
     if config.task == "lm":  # acc is next-token accuracy; the lm metric is perplexity
         row.update(loss=acc.loss, perplexity=perplexity(acc.loss))

@@ -200,9 +200,7 @@ class RoundTable:
 
     def _training_upload_mb(self) -> float:
         """MB uploaded per training round (statistics rounds left out), 0 if none trained."""
-        rounds = [
-            r for r in range(1, self.config.rounds + 1) if not self.config.statistics_round(r)
-        ]
+        rounds = self.config.training_rounds()
         up = sum(r["bytes_up"] for r in self.rows if r["round"] in rounds)
         return up / MB / max(1, len(rounds))
 
