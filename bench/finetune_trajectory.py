@@ -36,11 +36,11 @@ import transformers.activations  # noqa: F401  (before class_stats_bridge puts R
 from benchinfo import machine_info
 from class_stats_bridge import DEMO, SETTINGS
 
-from edgetune.client.runtime import ClientRuntime
 from edgetune.client.stats import pooled_features
 from edgetune.client.trainer import EncodedSplit, evaluate, train_local
-from edgetune.config import ClientConfig, load_config
+from edgetune.config import load_config
 from edgetune.sim.evaluator import eval_subset
+from edgetune.sim.references import centralized_runtime
 from edgetune.strategies.class_stats import ClassStats, lda_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +53,8 @@ def trajectory(sets: list[str], seed: int, family: str, epochs: int) -> list[dic
     """[{head: accuracy}] for epochs 0..``epochs`` of centralized LP-FT on ``family``."""
     config = load_config(DEMO, [*sets, f"seed={seed}"])
     with tempfile.TemporaryDirectory(prefix="edgetune-trajectory-") as state:
-        client = ClientConfig(backbone=family, state_dir=state, eval_test_at_end=False)
-        data = dataclasses.replace(config.data, local_holdout=0.0)
-        run = dataclasses.replace(config, strategy="local", client=client, data=data)
-        runtime = ClientRuntime(run)
+        runtime = centralized_runtime(config, family, state)
+        run = runtime.config
         runtime.load_initial()
         test_split = eval_subset(run, runtime.dataset.test)
         test = EncodedSplit(runtime.backbone, test_split, run.train.max_length)

@@ -103,10 +103,7 @@ def _pooled_features(task: torch.nn.Module, data: EncodedSplit) -> np.ndarray:
 def centralized(config: RunConfig, family: str, backbone_name: str, out: Path) -> dict[str, Any]:
     """The run's adapter and head, one client with the whole training split, same passes."""
     with tempfile.TemporaryDirectory(prefix="edgetune-centralized-") as state:
-        client = ClientConfig(backbone=backbone_name, state_dir=state, eval_test_at_end=False)
-        data = dataclasses.replace(config.data, local_holdout=0.0)
-        run = dataclasses.replace(config, strategy="local", client=client, data=data)
-        runtime = ClientRuntime(run)
+        runtime = centralized_runtime(config, backbone_name, state)
         runtime.run_local()
         test = eval_subset(config, runtime.dataset.test)
         acc = evaluate(runtime.task, EncodedSplit(runtime.backbone, test, config.train.max_length))
@@ -117,6 +114,13 @@ def centralized(config: RunConfig, family: str, backbone_name: str, out: Path) -
     if config.task == "lm":  # acc is next-token accuracy; the lm metric is perplexity
         row.update(loss=acc.loss, perplexity=perplexity(acc.loss))
     return row
+
+
+def centralized_runtime(config: RunConfig, backbone_name: str, state_dir: str) -> ClientRuntime:
+    """The `centralized` row's client: no server, the whole training split, no holdout."""
+    client = ClientConfig(backbone=backbone_name, state_dir=state_dir, eval_test_at_end=False)
+    data = dataclasses.replace(config.data, local_holdout=0.0)
+    return ClientRuntime(dataclasses.replace(config, strategy="local", client=client, data=data))
 
 
 def homogeneous(config: RunConfig, family: str, backbone_name: str, out: Path) -> dict[str, Any]:
