@@ -20,9 +20,11 @@ once per family: a device that runs a is in a's total through its own client of 
 Head from the totals: linear discriminant analysis with a shrunk pooled within-class covariance
     mu_c = S_c / n_c,  W = S_w / (N - K),  Sigma = (1 - s) W + s tr(W)/d I
     logit_c(x) = x . Sigma^-1 mu_c - mu_c . Sigma^-1 mu_c / 2
-(the Gaussian log-posterior under equal priors: calibrated logits a softmax head can start
-from, balanced over classes as the balanced loss is). A class no device has gets a zero row and
-a bias below every other class.
+(the Gaussian log-posterior under equal priors, balanced over classes as the balanced loss is).
+Shrinkage makes those logits too large, so `heads_from_clients` scales each head by the
+temperature that minimises its cross-entropy on the Gaussian model the statistics define
+(`gaussian_temperature`): a softmax head the adapter trains against starts calibrated, with
+the same argmax. A class no device has gets a zero row and a bias below every other class.
 Everything is accumulated in float64: Gram sums cancel in the within-class covariance.
 
 In a run (`ClientStats`, `totals_for`, `heads_from_clients`), statistics arrive every round with the updates
@@ -52,6 +54,7 @@ from edgetune.protocol.names import GROUP_STATS, STATS_LEAVES, stats_bridge_name
 BRIDGE_RIDGE = 0.5  # lam as a share of the mean eigenvalue of G_b
 SHRINKAGE = 0.9  # weight of the scaled identity in the LDA covariance
 UNSEEN_MARGIN = 10.0  # an unseen class's bias sits this far below the lowest seen one
+CALIBRATION_SAMPLES = 256  # virtual features per class for the head's logit scale
 BRIDGE_LEAVES = ("gram", "cross")
 
 
@@ -243,5 +246,41 @@ def heads_from_clients(
             continue
         weight, bias = lda_head(total, shrinkage)
         if math.isfinite(float(weight.abs().sum() + bias.abs().sum())):
-            heads[family] = (weight, bias)
+            scale = gaussian_temperature(total, weight, bias)
+            heads[family] = (weight * scale, bias * scale)
     return heads
+
+
+def gaussian_temperature(
+    stats: ClassStats, weight: Tensor, bias: Tensor, per_class: int = CALIBRATION_SAMPLES
+) -> float:
+    """The logit scale t minimising the head's cross-entropy on the Gaussian model of ``stats``.
+
+    The shrunk covariance makes LDA's logits too large: on the demo's frozen MiniLM features its
+    training cross-entropy is 0.98-1.8 against 0.41-0.72 at the best scale (t = 0.20-0.28,
+    measured on the real features, which the server never sees). A head trained against
+    (LP-FT) with such logits lets the few misclassified texts drive the adapter. The server has
+    the model the statistics define - class means mu_c and the pooled within-class covariance
+    W - so it draws ``per_class`` virtual features x ~ N(mu_c, W) per seen class (a fixed seed:
+    the same statistics give the same t) and picks t on a log grid; argmax, hence accuracy, is
+    unchanged. On those features it gives t = 0.32-0.36: most of the way to the best scale.
+    """
+    counts = stats.counts.to(torch.float64)
+    seen = torch.nonzero(counts > 0).flatten()
+    sums = stats.sums.to(torch.float64)
+    means = sums / counts.clamp(min=1.0)[:, None]
+    within = stats.gram.to(torch.float64) - means[seen].T @ sums[seen]
+    within = within / max(float(counts.sum()) - len(seen), 1.0)
+    d = within.shape[0]
+    jitter = 1e-6 * max(float(torch.trace(within)) / d, 1e-12)
+    factor, info = torch.linalg.cholesky_ex(within + jitter * torch.eye(d, dtype=torch.float64))
+    if int(info) != 0:
+        return 1.0  # not positive definite even with jitter: keep LDA's own scale
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(seen) * per_class, d, generator=gen, dtype=torch.float64)
+    x = means[seen].repeat_interleave(per_class, 0) + noise @ factor.T
+    labels = seen.repeat_interleave(per_class)
+    logits = x @ weight.T.to(torch.float64) + bias.to(torch.float64)
+    scales = torch.logspace(-3, 1, 81, dtype=torch.float64)
+    losses = torch.stack([torch.nn.functional.cross_entropy(logits * t, labels) for t in scales])
+    return float(scales[losses.argmin()])

@@ -11,6 +11,7 @@ from edgetune.strategies.class_stats import (
     ClassStats,
     ClientStats,
     bridge_map,
+    gaussian_temperature,
     heads_from_clients,
     lda_head,
     pack_symmetric,
@@ -217,7 +218,10 @@ def test_a_round_of_statistics_fits_the_head_and_skips_an_implausible_reply() ->
     result = FedAdapterStrategy().aggregate_round(1, state, updates, {"c1": spec, "c2": spec})
     assert [c for c, _ in result.skipped] == ["c2"] and result.summary["heads_from_stats"] == ["a"]
     model = result.models[family_model("a")]
-    weight, bias = lda_head(ClientStats.from_wire("a", good).own)
+    own = ClientStats.from_wire("a", good).own
+    weight, bias = lda_head(own)
+    scale = gaussian_temperature(own, weight, bias)  # the served head is the calibrated LDA
+    weight, bias = weight * scale, bias * scale
     assert torch.allclose(model[HEAD_WEIGHT].double(), weight, rtol=1e-5, atol=1e-6)
     assert torch.allclose(model[HEAD_BIAS].double(), bias, rtol=1e-5, atol=1e-5)
     unchanged = [n for n in fam if n not in (HEAD_WEIGHT, HEAD_BIAS)]
@@ -230,3 +234,46 @@ def test_a_gram_travels_as_its_upper_triangle() -> None:
     packed = pack_symmetric(x.T @ x)
     assert packed.shape == (10,) and packed[1] == (x.T @ x)[0, 1]  # row 0: (0,0), (0,1), ...
     assert torch.equal(unpack_symmetric(packed, 4), x.T @ x)
+
+
+def _classes(gen: torch.Generator, spread: torch.Tensor, n: int = 400) -> tuple:
+    """Three Gaussian classes in d = len(spread), means 3 apart along axis 0, per-axis std."""
+    d = len(spread)
+    means = torch.zeros(3, d, dtype=F64)
+    means[:, 0] = torch.tensor([-3.0, 0.0, 3.0], dtype=F64)
+    y = torch.arange(3).repeat_interleave(n)
+    return means[y] + torch.randn(3 * n, d, generator=gen, dtype=F64) * spread, y
+
+
+def test_isotropic_classes_need_no_temperature() -> None:
+    # W = sigma^2 I: shrinkage toward tr(W)/d I leaves Sigma = W, so LDA's logits are the exact
+    # Gaussian log-posterior and the best scale is 1 (tolerance: the log grid's 12% step plus
+    # the sampling noise of 256 virtual features per class)
+    x, y = _classes(torch.Generator().manual_seed(0), torch.full((6,), 1.5, dtype=F64))
+    stats = ClassStats.of(x, y, 3)
+    assert gaussian_temperature(stats, *lda_head(stats)) == pytest.approx(1.0, rel=0.2)
+
+
+def test_calibrated_head_keeps_every_prediction_and_lowers_the_loss() -> None:
+    # the discriminative axis carries most of the variance: the shrunk covariance (mostly the
+    # mean eigenvalue times I) underestimates it about 4x, so LDA's logits are overconfident
+    spread = torch.tensor([2.0] + [0.3] * 7, dtype=F64)
+    x, y = _classes(torch.Generator().manual_seed(1), spread)
+    stats = ClassStats.of(x, y, 3)
+    raw_w, raw_b = lda_head(stats)
+    client = ClientStats("a", stats, stats, {})
+    weight, bias = heads_from_clients([client])["a"]
+    raw, calibrated = x @ raw_w.T + raw_b, x @ weight.T + bias
+    assert torch.equal(raw.argmax(1), calibrated.argmax(1))
+    scale = float(weight.norm() / raw_w.norm())
+    assert 0.05 < scale < 0.6
+    assert torch.allclose(bias, raw_b * scale)
+    ce = torch.nn.functional.cross_entropy
+    assert float(ce(calibrated, y)) < 0.8 * float(ce(raw, y))
+
+
+def test_temperature_is_deterministic() -> None:
+    x, y = _classes(torch.Generator().manual_seed(2), torch.full((4,), 1.0, dtype=F64))
+    stats = ClassStats.of(x, y, 3)
+    head = lda_head(stats)
+    assert gaussian_temperature(stats, *head) == gaussian_temperature(stats, *head)
