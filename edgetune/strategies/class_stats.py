@@ -39,6 +39,7 @@ same space, round after round.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ import torch
 from torch import Tensor
 
 from edgetune.protocol.names import GROUP_STATS, STATS_LEAVES, stats_bridge_name, stats_name
+
+log = logging.getLogger(__name__)
 
 # Defaults from a sweep on frozen MiniLM features (2 category sets x alpha 0.5/0.3/0.1 x 3 seeds,
 # L2-normalised): lam 0.05..2 and s 0.5..0.9 all within 0.5 point on the mean; (0.5, 0.9) had the
@@ -275,7 +278,8 @@ def gaussian_temperature(
     jitter = 1e-6 * max(float(torch.trace(within)) / d, 1e-12)
     factor, info = torch.linalg.cholesky_ex(within + jitter * torch.eye(d, dtype=torch.float64))
     if int(info) != 0:
-        return 1.0  # not positive definite even with jitter: keep LDA's own scale
+        log.warning("within-class covariance not positive definite: head keeps LDA's scale")
+        return 1.0
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(len(seen) * per_class, d, generator=gen, dtype=torch.float64)
     x = means[seen].repeat_interleave(per_class, 0) + noise @ factor.T

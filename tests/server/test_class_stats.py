@@ -277,3 +277,15 @@ def test_temperature_is_deterministic() -> None:
     stats = ClassStats.of(x, y, 3)
     head = lda_head(stats)
     assert gaussian_temperature(stats, *head) == gaussian_temperature(stats, *head)
+
+
+def test_an_indefinite_covariance_keeps_lda_scale_and_says_so(caplog) -> None:
+    # a Gram smaller than the class means allow: within-class covariance negative definite
+    stats = ClassStats(
+        torch.eye(2, dtype=F64) * 0.1,
+        torch.tensor([[2.0, 0.0], [0.0, 2.0]], dtype=F64),
+        torch.tensor([2.0, 2.0], dtype=F64),
+    )
+    head = (torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64))
+    assert gaussian_temperature(stats, *head) == 1.0
+    assert "not positive definite" in caplog.text
