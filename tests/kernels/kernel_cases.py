@@ -34,7 +34,11 @@ from edgetune.kernels import fused_adapter, reference_adapter
 
 NAMES = ("x", "D", "b_D", "C", "q", "alpha", "U", "b_U", "residual")
 SCALE = 0.75
-COMPOSITION_ORDERINGS = 2  # extra summation orders of the composition (see composition_error)
+# extra summation orders of the composition (see composition_error). Two were too few: on an
+# AMD EPYC (MKL's non-Intel code path) the per-layer dalpha of T=1, r=8 (a sum of 8 products)
+# measured 3.0e-8 over 1+2 orders, 6.5e-8 over 1+4, 1.5e-7 over 1+16, and the torch path's own
+# error 9.3e-8: a few draws of an 8-term sum do not show its rounding noise. 8 costs ~7 s.
+COMPOSITION_ORDERINGS = 8
 
 # per-dtype tolerance table: (max ratio to the composition's error, floor in ulps of max|ref|)
 TOLERANCE = {
