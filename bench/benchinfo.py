@@ -8,6 +8,7 @@ the versions of the libraries it measures.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 
 def cpu_model() -> str:
@@ -49,3 +51,12 @@ def machine_info(
         dirty_key: bool(_git(*status, "--", *watched)),
         "loadavg_1m_at_start": os.getloadavg()[0],
     }
+
+
+def write_results(name: str, result: dict[str, Any], markdown: list[str]) -> None:
+    """``bench/results/<name>.json`` (indented) and ``<name>.md`` (the lines), and the lines
+    printed."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{name}.md").write_text("\n".join(markdown) + "\n")
+    print("\n".join(markdown))

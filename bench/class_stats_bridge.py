@@ -22,7 +22,6 @@ No training: this isolates what the statistics carry. Frozen fp32 backbones for 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchinfo import machine_info
+from benchinfo import machine_info, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,7 +46,6 @@ from edgetune.strategies.class_stats import (  # noqa: E402
     totals_for,
 )
 
-RESULTS = ROOT / "bench" / "results"
 DEMO = ROOT / "edgetune" / "configs" / "demo.toml"
 SECOND = '["art", "work", "literature", "linux", "songs-poems", "men-women"]'
 SETTINGS: dict[str, list[str]] = {
@@ -155,11 +153,7 @@ def main() -> int:
         "seeds": args.seeds,
         "table": table,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "class_stats_bridge.json").write_text(json.dumps(result, indent=1))
-    lines = markdown(table)
-    (RESULTS / "class_stats_bridge.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("class_stats_bridge", result, markdown(table))
     return 0
 
 

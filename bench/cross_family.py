@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchinfo import machine_info
+from benchinfo import RESULTS, machine_info, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 DEMO = ROOT / "edgetune" / "configs" / "demo.toml"
 SECOND = '["art", "work", "literature", "linux", "songs-poems", "men-women"]'
 
@@ -243,11 +242,7 @@ def main() -> int:
     result |= {"seeds": args.seeds, "table": merged}
     if not args.ablation:
         result["acceptance"] = {s: acceptance(r, s.endswith("a0.1")) for s, r in merged.items()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
-    md = table_markdown(result["table"])
-    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(name, result, table_markdown(result["table"]))
     return 0
 
 

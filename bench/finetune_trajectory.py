@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 import transformers.activations  # noqa: F401  (before class_stats_bridge puts ROOT on the path)
-from benchinfo import machine_info
+from benchinfo import machine_info, write_results
 from class_stats_bridge import DEMO, SETTINGS
 
 from edgetune.client.stats import pooled_features
@@ -44,7 +43,6 @@ from edgetune.sim.references import centralized_runtime
 from edgetune.strategies.class_stats import ClassStats, lda_head
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 HEADS = ("frozen", "lda", "probe")
 FAMILIES = ("minilm-l3", "minilm-l6")
 
@@ -134,11 +132,7 @@ def main() -> int:
         "epochs": args.epochs,
         "table": table,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "finetune_trajectory.json").write_text(json.dumps(result, indent=1))
-    lines = markdown(table, args.epochs)
-    (RESULTS / "finetune_trajectory.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("finetune_trajectory", result, markdown(table, args.epochs))
     return 0
 
 

@@ -23,7 +23,6 @@ bench/results/head_estimators.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers.activations  # noqa: F401  (before ROOT: its kernels/ must not shadow)
-from benchinfo import machine_info
+from benchinfo import machine_info, write_results
 from cross_family import SECOND
 from torch import Tensor
 
@@ -46,7 +45,6 @@ from edgetune.sim.evaluator import eval_subset  # noqa: E402
 from edgetune.sim.references import PROBE_C  # noqa: E402
 from edgetune.strategies.class_stats import SHRINKAGE, ClassStats, lda_head  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 DEMO = ROOT / "edgetune" / "configs" / "demo.toml"
 #: category set -> its --set override on the demo config (alpha does not matter: every text).
 SETS = {
@@ -165,11 +163,7 @@ def main() -> int:
                     slot.setdefault(name, []).append(value)
     files = ["edgetune/strategies/class_stats.py", "bench/head_estimators.py"]
     result = {"machine": machine_info(files), "seeds": args.seeds, "table": table}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "head_estimators.json").write_text(json.dumps(result, indent=1))
-    lines = markdown(table)
-    (RESULTS / "head_estimators.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("head_estimators", result, markdown(table))
     return 0
 
 
