@@ -43,7 +43,12 @@ from edgetune.config import load_config  # noqa: E402
 from edgetune.data.shards import load_run_dataset  # noqa: E402
 from edgetune.sim.evaluator import eval_subset  # noqa: E402
 from edgetune.sim.references import PROBE_C  # noqa: E402
-from edgetune.strategies.class_stats import SHRINKAGE, ClassStats, lda_head  # noqa: E402
+from edgetune.strategies.class_stats import (  # noqa: E402
+    SHRINKAGE,
+    ClassStats,
+    class_moments,
+    lda_head,
+)
 
 DEMO = ROOT / "edgetune" / "configs" / "demo.toml"
 #: category set -> its --set override on the demo config (alpha does not matter: every text).
@@ -80,17 +85,10 @@ def cached_features(setting: str, seed: int, cache: Path) -> dict[str, Any]:
     return out
 
 
-def within_class(stats: ClassStats) -> tuple[Tensor, Tensor, float]:
-    """(class means [K, d], pooled within-class covariance W [d, d], n)."""
-    n = float(stats.counts.sum())
-    means = stats.sums / stats.counts[:, None]
-    return means, (stats.gram - means.T @ stats.sums) / (n - len(means)), n
-
-
 def oas_shrinkage(stats: ClassStats) -> float:
     """The OAS shrinkage intensity of W (sklearn.covariance.OAS's formula)."""
-    _, within, n = within_class(stats)
-    d = within.shape[0]
+    _, within, _ = class_moments(stats)
+    n, d = float(stats.counts.sum()), within.shape[0]
     mu, alpha = float(torch.trace(within)) / d, float((within**2).mean())
     return min((alpha + mu**2) / ((n - len(stats.counts) + 1) * (alpha - mu**2 / d)), 1.0)
 
@@ -103,7 +101,7 @@ def logistic(x: Tensor, y: Tensor, x_test: Tensor, c: float) -> Tensor:
 
 
 def ccvr_predict(stats: ClassStats, x_test: Tensor, c: float) -> Tensor:
-    means, within, _ = within_class(stats)
+    means, within, _ = class_moments(stats)
     k, d = means.shape
     jitter = 1e-6 * float(torch.trace(within)) / d * torch.eye(d, dtype=within.dtype)
     factor = torch.linalg.cholesky(within + jitter)

@@ -119,20 +119,27 @@ def bridge_map(source_gram: Tensor, cross: Tensor, ridge: float = BRIDGE_RIDGE) 
     return torch.linalg.solve(source_gram.to(torch.float64) + lam * eye, cross.to(torch.float64))
 
 
+def class_moments(stats: ClassStats) -> tuple[Tensor, Tensor, Tensor]:
+    """(class means [K, d], pooled within-class covariance W [d, d], seen mask [K]) in float64:
+    W = (G - sum_c n_c mu_c mu_c^T) / (N - K_seen); an unseen class's mean is 0."""
+    counts = stats.counts.to(torch.float64)
+    seen = counts > 0
+    sums = stats.sums.to(torch.float64)
+    means = sums / counts.clamp(min=1.0)[:, None]
+    within = stats.gram.to(torch.float64) - means[seen].T @ sums[seen]
+    within = within / max(float(counts.sum()) - int(seen.sum()), 1.0)
+    return means, within, seen
+
+
 def lda_head(stats: ClassStats, shrinkage: float = SHRINKAGE) -> tuple[Tensor, Tensor]:
     """(weight [K, d], bias [K]) of the shrunk LDA classifier of ``stats`` (module docstring)."""
     if not 0.0 < shrinkage <= 1.0:
         raise ValueError(f"shrinkage={shrinkage} must be in (0, 1]")
-    counts = stats.counts.to(torch.float64)
-    seen = counts > 0
+    means, within, seen = class_moments(stats)
     n_seen = int(seen.sum())
     if n_seen < 2:
         raise ValueError(f"an LDA head needs samples of at least 2 classes, got {n_seen}")
-    sums = stats.sums.to(torch.float64)
-    means = sums / counts.clamp(min=1.0)[:, None]
-    within = stats.gram.to(torch.float64) - means[seen].T @ sums[seen]
     d = within.shape[0]
-    within = within / max(float(counts.sum()) - n_seen, 1.0)
     scale = float(torch.trace(within)) / d
     if not scale > 0.0:
         raise ValueError("the pooled within-class covariance is zero: features carry no spread")
@@ -268,12 +275,8 @@ def gaussian_temperature(
     the same statistics give the same t) and picks t on a log grid; argmax, hence accuracy, is
     unchanged. On those features it gives t = 0.32-0.36: most of the way to the best scale.
     """
-    counts = stats.counts.to(torch.float64)
-    seen = torch.nonzero(counts > 0).flatten()
-    sums = stats.sums.to(torch.float64)
-    means = sums / counts.clamp(min=1.0)[:, None]
-    within = stats.gram.to(torch.float64) - means[seen].T @ sums[seen]
-    within = within / max(float(counts.sum()) - len(seen), 1.0)
+    means, within, seen_mask = class_moments(stats)
+    seen = torch.nonzero(seen_mask).flatten()
     d = within.shape[0]
     jitter = 1e-6 * max(float(torch.trace(within)) / d, 1e-12)
     factor, info = torch.linalg.cholesky_ex(within + jitter * torch.eye(d, dtype=torch.float64))
